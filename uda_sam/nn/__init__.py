@@ -1,0 +1,37 @@
+"""Plain-PyTorch building blocks: the self-attention module (SAM), its losses and the segmentation networks.
+
+Nothing here imports Lightning or the data code, so ``from uda_sam.nn import SelfAttentionModule,
+self_attention_loss`` works inside any PyTorch project.
+"""
+
+from __future__ import annotations
+
+from .backbones import DilatedResNet, build_vgg16_features, read_state_dict_file
+from .deeplabv2 import AtrousClassifier, DeepLabV2
+from .fcn8s import FCN8s
+from .losses import segmentation_loss, self_attention_loss
+from .sam import (
+    AUTO_FULL_MAX_BYTES,
+    SelfAttentionModule,
+    attention_map,
+    normalize_rows,
+    relu_cosine_attention,
+    relu_cosine_similarity,
+)
+
+__all__ = [
+    "AUTO_FULL_MAX_BYTES",
+    "AtrousClassifier",
+    "DeepLabV2",
+    "DilatedResNet",
+    "FCN8s",
+    "SelfAttentionModule",
+    "attention_map",
+    "build_vgg16_features",
+    "normalize_rows",
+    "read_state_dict_file",
+    "relu_cosine_attention",
+    "relu_cosine_similarity",
+    "segmentation_loss",
+    "self_attention_loss",
+]
