@@ -1,0 +1,204 @@
+"""The ``uda-sam`` command: overview, extra commands, the toy pipeline through LightningCLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from uda_sam.cli import EXTRA_COMMANDS, main
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "configs" / "toy"
+
+# Shrinks the toy configs to the session toy set (64x32 target, 72x40 source) and two steps.
+SMALL = [
+    "--data.source_size=[72, 40]",
+    "--data.target_size=[64, 32]",
+    "--data.val_batch_size=2",
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+NO_LOGGER = ["--trainer.logger=false"]
+
+
+@contextmanager
+def working_dir(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def toy_runs(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stages 0 and 1 of the toy pipeline run through the CLI (in their own working directory)."""
+    work = tmp_path_factory.mktemp("cli")
+    (work / "data").mkdir()
+    (work / "data" / "toy").symlink_to(toy_root, target_is_directory=True)
+    with working_dir(work):
+        assert (
+            main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL]) == 0
+        )  # with the offline WandbLogger
+        assert main(["fit", "--config", str(TOY / "sam_pretrain.yaml"), *SMALL, *NO_LOGGER]) == 0
+    return work
+
+
+def test_overview_lists_all_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in ([], ["--help"], ["-h"]):
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
+            assert f"  {command} " in out
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "uda_sam", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "make-toy-data" in done.stdout
+
+
+def test_make_toy_data_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "toy"
+    args = [
+        "make-toy-data",
+        str(root),
+        "--num-source",
+        "1",
+        "--num-target",
+        "1",
+        "--num-val",
+        "2",
+        "--size",
+        "32",
+        "16",
+    ]
+    assert main(args) == 0
+    val = sorted((root / "cityscapes" / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    assert len(val) == 2 and (root / "gta5" / "images" / "00001.png").is_file()
+    # Ground truth copied as predictions scores 100 %.
+    pred = tmp_path / "pred"
+    for path in val:
+        (pred / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, pred / path.parent.name / path.name.replace("_gtFine_labelIds", "_pred"))
+    output = tmp_path / "result.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred-dir",
+                str(pred),
+                "--gt-dir",
+                str(root / "cityscapes"),
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(output.read_text())["mIoU_19"] == pytest.approx(1.0)
+    assert (
+        main(["evaluate", "--pred-dir", str(tmp_path / "empty"), "--gt-dir", str(root / "cityscapes")]) != 0
+    )
+
+
+def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
+    no_pseudo = toy_runs / "runs" / "toy" / "no_pseudo"
+    assert (no_pseudo / "checkpoints" / "last.ckpt").is_file()
+    assert (no_pseudo / "config.yaml").is_file()
+    assert list((no_pseudo / "wandb").glob("offline-run-*"))
+    ckpt = torch.load(no_pseudo / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and not any(k.startswith("sam.") for k in ckpt["state_dict"])
+    sam = torch.load(toy_runs / "runs" / "toy" / "sam_pretrain" / "sam.pt", weights_only=True)
+    assert sam["num_classes"] == 19 and sam["use_conv"]
+
+
+def test_toy_validate_and_predict(toy_runs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = "runs/toy/no_pseudo/checkpoints/last.ckpt"
+    with working_dir(toy_runs), caplog.at_level("INFO"):
+        base = ["--config", str(TOY / "no_pseudo.yaml"), "--ckpt_path", ckpt, *SMALL, *NO_LOGGER]
+        assert main(["validate", *base]) == 0
+        assert "mIoU (19)" in caplog.text  # per-class table reported by validate
+        writer = [
+            "--trainer.callbacks+=uda_sam.callbacks.PredictionWriter",
+            "--trainer.callbacks.output_dir=preds",
+        ]
+        assert main(["predict", *base, *writer]) == 0
+    labels = sorted((toy_runs / "preds" / "labelIds").glob("*/*_labelIds.png"))
+    colors = sorted((toy_runs / "preds" / "color").glob("*/*_color.png"))
+    assert len(labels) == len(colors) == 2
+
+
+def test_toy_stage2_ours(toy_runs: Path) -> None:
+    """Stage 2 as shipped: pseudo labels from the stage-0 checkpoint (PseudoLabelRegeneration) and the stage-1 SAM."""
+    with working_dir(toy_runs):
+        assert main(["fit", "--config", str(TOY / "ours.yaml"), *SMALL, *NO_LOGGER]) == 0
+    run = toy_runs / "runs" / "toy" / "ours"
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    exported = torch.load(toy_runs / "runs" / "toy" / "sam_pretrain" / "sam.pt", weights_only=True)[
+        "state_dict"
+    ]
+    for key, value in exported.items():
+        assert torch.equal(state[f"sam.{key}"], value)  # the frozen SAM is bit-identical after training
+    assert list((run / "pseudo_labels").rglob("*.png"))
+
+
+def test_missing_dataset_root_fails_before_training(tmp_path: Path) -> None:
+    with working_dir(tmp_path), pytest.raises(FileNotFoundError, match="GTA5 root .*nowhere"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(TOY / "no_pseudo.yaml"),
+                *SMALL,
+                *NO_LOGGER,
+                "--data.source_root=nowhere/gta5",
+            ]
+        )
+    assert not (tmp_path / "runs" / "toy" / "no_pseudo" / "checkpoints").exists()
+
+
+def test_missing_sam_file_fails_before_training(tmp_path: Path) -> None:
+    args = ["--model.init_args.lambda_sa=0.1", "--model.init_args.sam_path=nowhere/sam.pt"]
+    # jsonargparse reports the task's FileNotFoundError inside its own ValueError; the message is kept.
+    with (
+        working_dir(tmp_path),
+        pytest.raises((FileNotFoundError, ValueError), match=r"sam_path: nowhere/sam\.pt does not exist"),
+    ):
+        main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, *args])
+
+
+def test_unknown_choice_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(TOY / "no_pseudo.yaml"),
+                "--model.init_args.sa_target=residuals",
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "sa_target" in err and "residual" in err

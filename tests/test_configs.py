@@ -1,0 +1,195 @@
+"""Every shipped config parses through the CLI, carries the paper's hyper-parameters, and the stages link up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from uda_sam.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OVERLAYS = ("logger", "trainer")
+STAGE_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in OVERLAYS)
+PAPER_CONFIGS = [p for p in STAGE_CONFIGS if p.relative_to(CONFIGS).parts[0] != "toy"]
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(CONFIGS).as_posix()
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def callbacks(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args", {})
+        for cb in config["trainer"].get("callbacks", [])
+    }
+
+
+def print_config(capsys: pytest.CaptureFixture[str], *files: Path) -> dict[str, Any]:
+    args = ["fit"]
+    for file in files:
+        args += ["--config", str(file)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code in (0, None), captured.err[-2000:]
+    return yaml.safe_load(captured.out)
+
+
+def test_configs_exist() -> None:
+    names = {rel(p) for p in STAGE_CONFIGS}
+    table1 = [
+        "no_pseudo",
+        "sam_pretrain",
+        "sam_pretrain_no_skip",
+        "pseudo_only",
+        "ours_8_10",
+        "ours_9_10",
+        "ours_8_11",
+    ]
+    table1 += [
+        "ours_9_11",
+        "no_conv",
+        "ours_no_skip",
+        "ours_kl",
+        "ours_cosine",
+        "ours_feature",
+        "ours_both_layers",
+    ]
+    for source in ("gta5", "synthia"):
+        assert {f"{source}/{n}.yaml" for n in table1} <= names
+        assert {
+            f"fcn8s/{source}/{n}.yaml" for n in ("no_pseudo", "sam_pretrain", "pseudo_only", "ours_8_10")
+        } <= names
+    assert {f"toy/{n}.yaml" for n in ("no_pseudo", "sam_pretrain", "pseudo_only", "ours")} <= names
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=rel)
+def test_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    printed = print_config(capsys, path)
+    raw = load(path)
+    assert printed["model"]["class_path"] == raw["model"]["class_path"]
+    assert printed["trainer"]["max_steps"] == raw["trainer"]["max_steps"]
+
+
+@pytest.mark.parametrize("overlay", ["logger/wandb.yaml", "trainer/ddp.yaml"])
+def test_overlays_compose(overlay: str, capsys: pytest.CaptureFixture[str]) -> None:
+    printed = print_config(capsys, CONFIGS / "gta5" / "no_pseudo.yaml", CONFIGS / overlay)
+    trainer = printed["trainer"]
+    if overlay.startswith("logger"):
+        args = trainer["logger"]["init_args"]
+        assert args["project"] == "uda-sam" and args["offline"] is True
+        assert args["save_dir"] == "runs/gta5/no_pseudo"  # the stage's own settings are kept
+    else:
+        assert trainer["strategy"] == "ddp" and trainer["sync_batchnorm"] is False
+        assert trainer["max_steps"] == 120000
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=rel)
+def test_paper_hyperparameters(path: Path) -> None:
+    config = load(path)
+    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]
+    parts = path.relative_to(CONFIGS).parts
+    fcn = parts[0] == "fcn8s"
+    source = parts[1] if fcn else parts[0]
+    name = path.stem
+
+    assert trainer["max_steps"] == 120000 and trainer["val_check_interval"] == 2000
+    assert trainer["check_val_every_n_epoch"] is None
+    checkpoint = callbacks(config)["ModelCheckpoint"]
+    assert (
+        checkpoint["monitor"] == "val/mIoU"
+        and checkpoint["mode"] == "max"
+        and checkpoint["save_last"] is True
+    )
+    assert data["source"] == source and data["batch_size"] == 1 and data["target_size"] == [1024, 512]
+    assert data["source_size"] == ([1280, 720] if source == "gta5" else [1280, 760])
+    assert model["val_class_subsets"] == (["19"] if source == "gta5" else ["16", "13"])
+
+    network = model["network"]
+    if fcn:
+        assert network["class_path"] == "uda_sam.nn.FCN8s"
+        assert model["optimizer"] == "adam" and float(model["lr"]) == 1e-5 and model["betas"] == [0.9, 0.99]
+        assert model["lr_schedule"] == "step" and model["step_size"] == 50000 and model["step_gamma"] == 0.1
+    else:
+        assert (
+            network["class_path"] == "uda_sam.nn.DeepLabV2"
+            and network["init_args"]["backbone"] == "resnet101"
+        )
+        assert (
+            model["optimizer"] == "sgd"
+            and float(model["lr"]) == 2.5e-4
+            and float(model["weight_decay"]) == 5e-4
+        )
+        assert model["momentum"] == 0.9 and model["lr_schedule"] == "poly" and model["poly_power"] == 0.9
+    assert network["init_args"]["pretrained"] == "imagenet"
+
+    if config["model"]["class_path"] == "uda_sam.tasks.SAMPretraining":
+        assert model["skip_connection"] is (name != "sam_pretrain_no_skip")
+        return
+    assert config["model"]["class_path"] == "uda_sam.tasks.SelfTraining"
+    if name == "no_pseudo":
+        assert model["lambda_sa"] == 0 and model["use_target"] is False
+        return
+    assert model["use_target"] is True
+    if name == "pseudo_only":
+        assert model["lambda_sa"] == 0
+        return
+    assert model["lambda_sa"] == (0.001 if fcn else 0.1)
+    match = re.fullmatch(r"ours_(8|9)_(10|11)", name)
+    if match:
+        eq_target, eq_domains = match.groups()
+    else:  # ablations and appendix variants use the source's best setting
+        eq_target, eq_domains = ("8", "10") if source == "gta5" else ("9", "11")
+    assert model["sa_target"] == {"8": "residual", "9": "attended"}[eq_target]
+    assert model["sa_domains"] == {"10": "both", "11": "target"}[eq_domains]
+    expected = {
+        "ours_kl": ("sa_distance", "kl"),
+        "ours_cosine": ("sa_distance", "cosine"),
+        "no_conv": ("sam_use_conv", False),
+    }
+    expected |= {"ours_feature": ("sa_layer", "feature"), "ours_both_layers": ("sa_layer", "both")}
+    if name in expected:
+        key, value = expected[name]
+        assert model[key] == value
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=rel)
+def test_stage2_inputs_come_from_earlier_stages(path: Path) -> None:
+    """Every SAM file and teacher checkpoint a config reads is what a sibling config writes."""
+    config = load(path)
+    siblings = [load(p) for p in path.parent.glob("*.yaml")]
+    exported = {c["model"]["init_args"].get("sam_export_path") for c in siblings}
+    last_checkpoints = {
+        f"{callbacks(c)['ModelCheckpoint']['dirpath']}/last.ckpt"
+        for c in siblings
+        if callbacks(c)["ModelCheckpoint"]["save_last"]
+    }
+    model = config["model"]["init_args"]
+    for key in ("sam_path", "feature_sam_path"):
+        if model.get(key):
+            assert model[key] in exported, f"{key} {model[key]} is written by no config in {path.parent.name}"
+    regeneration = callbacks(config).get("PseudoLabelRegeneration")
+    if regeneration is not None:
+        assert regeneration["teacher_checkpoint"] in last_checkpoints
+        assert regeneration["teacher_checkpoint"].endswith("no_pseudo/checkpoints/last.ckpt")
+    run_dir = config["trainer"]["default_root_dir"]
+    assert callbacks(config)["ModelCheckpoint"]["dirpath"] == f"{run_dir}/checkpoints"
+    assert config["trainer"]["logger"]["init_args"]["save_dir"] == run_dir
+
+
+def test_toy_configs_run_offline_on_cpu() -> None:
+    for path in STAGE_CONFIGS:
+        if rel(path).startswith("toy/"):
+            config = load(path)
+            assert config["trainer"]["accelerator"] == "cpu"
+            assert config["trainer"]["logger"]["init_args"]["offline"] is True
+            network = config["model"]["init_args"]["network"]["init_args"]
+            assert network["backbone"] == "resnet18" and network["pretrained"] is None

@@ -1,0 +1,326 @@
+"""GTA5, SYNTHIA and Cityscapes readers on fake trees written in the exact formats; every bad-input case."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uda_sam.data import GTA5, Cityscapes, SegmentationTransform, Synthia, denormalize
+
+try:
+    from tests.data import fake_datasets as fake
+except ImportError:  # tests/ itself is on sys.path (no tests/__init__.py)
+    from data import fake_datasets as fake  # type: ignore[no-redef]
+
+
+def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+
+
+# --------------------------------------------------------------------------------------------------- GTA5
+def test_gta5_exact_train_ids(tmp_path: Path) -> None:
+    expected = fake.write_fake_gta5(tmp_path, mismatched=None)
+    ds = GTA5(tmp_path, size=None)
+    assert len(ds) == 3 and ds.names == ["00001", "00002", "00003"]
+    for i, name in enumerate(ds.names):
+        sample = ds[i]
+        assert sample["name"] == name
+        assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, 32, 64)
+        assert sample["mask"].dtype == torch.int64
+        assert np.array_equal(sample["mask"].numpy(), expected[name])
+    assert {0, 1, 2, 13, 18, 255} <= set(np.unique(ds[0]["mask"].numpy()).tolist())
+
+
+def test_gta5_resize_and_normalisation(tmp_path: Path) -> None:
+    expected = fake.write_fake_gta5(tmp_path, mismatched=None)
+    ds = GTA5(tmp_path, size=(32, 16))
+    sample = ds[1]
+    assert sample["image"].shape == (3, 16, 32)
+    assert np.array_equal(sample["mask"].numpy(), resize_nearest(expected["00002"], (32, 16)))
+    native = GTA5(tmp_path, size=None)[1]["image"]
+    original = cv2.cvtColor(cv2.imread(str(tmp_path / "images" / "00002.png")), cv2.COLOR_BGR2RGB)
+    assert np.abs(denormalize(native).astype(int) - original.astype(int)).max() <= 1
+
+
+def test_gta5_size_mismatch_resizes_image_and_warns(tmp_path: Path) -> None:
+    expected = fake.write_fake_gta5(tmp_path, mismatched="00003")
+    ds = GTA5(tmp_path, size=None)
+    with pytest.warns(UserWarning, match=r"00003\.png.*80x40.*64x32"):
+        sample = ds[2]
+    assert sample["image"].shape == (3, 32, 64)
+    assert np.array_equal(sample["mask"].numpy(), expected["00003"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds[2]  # once per file
+        ds[0]  # matching pairs never warn
+
+
+def test_gta5_translated_image_root(tmp_path: Path) -> None:
+    expected = fake.write_fake_gta5(tmp_path / "gta5", mismatched=None)
+    for name in expected:  # translated images at half size, same names
+        fake.write_rgb(tmp_path / "translated" / f"{name}.png", fake.fake_image(32, 16, 0))
+    ds = GTA5(tmp_path / "gta5", image_root=tmp_path / "translated", size=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample = ds[0]
+    assert sample["image"].shape == (3, 16, 32)
+    assert np.array_equal(sample["mask"].numpy(), resize_nearest(expected["00001"], (32, 16)))
+
+
+def test_gta5_list_file_and_limit(tmp_path: Path) -> None:
+    fake.write_fake_gta5(tmp_path / "gta5", mismatched=None)
+    (tmp_path / "list.txt").write_text("00003.png\n\n# comment\n00001.png\n")
+    assert GTA5(tmp_path / "gta5", list_file=tmp_path / "list.txt").names == ["00003", "00001"]
+    assert GTA5(tmp_path / "gta5", limit=2).names == ["00001", "00002"]
+    (tmp_path / "bad.txt").write_text("00001.png\n00009.png\n")
+    with pytest.raises(FileNotFoundError, match="00009"):
+        GTA5(tmp_path / "gta5", list_file=tmp_path / "bad.txt")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        GTA5(tmp_path / "gta5", list_file=tmp_path / "missing.txt")
+
+
+def test_gta5_bad_layouts(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist.*images/NNNNN\.png"):
+        GTA5(tmp_path / "nowhere")
+    (tmp_path / "a" / "labels").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"image folder .*a/images"):
+        GTA5(tmp_path / "a")
+    (tmp_path / "b" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"label folder .*b/labels"):
+        GTA5(tmp_path / "b")
+    (tmp_path / "a" / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        GTA5(tmp_path / "a")
+
+
+def test_gta5_missing_label(tmp_path: Path) -> None:
+    fake.write_fake_gta5(tmp_path)
+    (tmp_path / "labels" / "00002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 GTA5 images have no label file .*: 00002"):
+        GTA5(tmp_path)
+
+
+@pytest.mark.parametrize("damage", [fake.corrupt, fake.truncate])
+@pytest.mark.parametrize("which", ["images", "labels"])
+def test_gta5_corrupt_or_truncated_png(tmp_path: Path, damage, which: str) -> None:
+    fake.write_fake_gta5(tmp_path)
+    damage(tmp_path / which / "00002.png")
+    ds = GTA5(tmp_path, size=None)
+    ds[0]
+    with pytest.raises(ValueError, match=rf"{which}/00002\.png"):
+        ds[1]
+
+
+def test_gta5_label_not_palette(tmp_path: Path) -> None:
+    fake.write_fake_gta5(tmp_path)
+    Image.new("RGB", (64, 32)).save(tmp_path / "labels" / "00001.png")
+    with pytest.raises(ValueError, match=r"00001\.png has PIL mode 'RGB'"):
+        GTA5(tmp_path)[0]
+
+
+# ------------------------------------------------------------------------------------------------ SYNTHIA
+def test_synthia_exact_train_ids(tmp_path: Path) -> None:
+    expected = fake.write_fake_synthia(tmp_path)
+    ds = Synthia(tmp_path, size=None)
+    assert ds.names == ["0000000", "0000001"]
+    for i, name in enumerate(ds.names):
+        assert np.array_equal(ds[i]["mask"].numpy(), expected[name])
+    values = set(np.unique(np.concatenate([m.ravel() for m in expected.values()])).tolist())
+    assert values == {0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18, 255}
+    assert Synthia(tmp_path, size=(32, 16))[0]["mask"].shape == (16, 32)
+
+
+def test_synthia_bad_layouts(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"SYNTHIA root .*does not exist.*GT/LABELS"):
+        Synthia(tmp_path / "nowhere")
+    (tmp_path / "GT" / "LABELS").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"image folder .*RGB"):
+        Synthia(tmp_path)
+    (tmp_path / "RGB").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no PNG images"):
+        Synthia(tmp_path)
+    (tmp_path / "GT" / "LABELS").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"label folder .*GT/LABELS"):
+        Synthia(tmp_path)
+
+
+def test_synthia_missing_label(tmp_path: Path) -> None:
+    fake.write_fake_synthia(tmp_path)
+    (tmp_path / "GT" / "LABELS" / "0000001.png").unlink()
+    with pytest.raises(FileNotFoundError, match="0000001"):
+        Synthia(tmp_path)
+
+
+def test_synthia_label_not_16_bit(tmp_path: Path) -> None:
+    fake.write_fake_synthia(tmp_path)
+    cv2.imwrite(str(tmp_path / "GT" / "LABELS" / "0000000.png"), np.zeros((32, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"0000000\.png has dtype uint8; expected a 16-bit PNG"):
+        Synthia(tmp_path)[0]
+
+
+def test_synthia_label_single_channel(tmp_path: Path) -> None:
+    fake.write_fake_synthia(tmp_path)
+    cv2.imwrite(str(tmp_path / "GT" / "LABELS" / "0000000.png"), np.zeros((32, 64), np.uint16))
+    with pytest.raises(ValueError, match="expected 3 .* channels"):
+        Synthia(tmp_path)[0]
+
+
+def test_synthia_ids_out_of_range(tmp_path: Path) -> None:
+    fake.write_fake_synthia(tmp_path)
+    label = np.zeros((32, 64, 3), np.uint16)
+    label[5, 5, 2] = 23  # R channel (BGR index 2)
+    cv2.imwrite(str(tmp_path / "GT" / "LABELS" / "0000001.png"), label)
+    ds = Synthia(tmp_path)
+    ds[0]
+    with pytest.raises(ValueError, match=r"0000001\.png holds class id 23; expected ids in 0\.\.22"):
+        ds[1]
+
+
+@pytest.mark.parametrize("damage", [fake.corrupt, fake.truncate])
+def test_synthia_corrupt_label(tmp_path: Path, damage) -> None:
+    fake.write_fake_synthia(tmp_path)
+    damage(tmp_path / "GT" / "LABELS" / "0000000.png")
+    with pytest.raises(ValueError, match=r"LABELS/0000000\.png"):
+        Synthia(tmp_path)[0]
+
+
+# --------------------------------------------------------------------------------------------- Cityscapes
+def test_cityscapes_exact_train_ids_and_names(tmp_path: Path) -> None:
+    expected = fake.write_fake_cityscapes(tmp_path)
+    train = Cityscapes(tmp_path, "train", size=None)
+    assert train.names == sorted(expected["train"]) == [
+        "aachen/aachen_000000_000019", "aachen/aachen_000002_000019", "bochum/bochum_000001_000019"]
+    for i, name in enumerate(train.names):
+        assert np.array_equal(train[i]["mask"].numpy(), expected["train"][name])
+    val = Cityscapes(tmp_path, "val", size=(32, 16))
+    name = val.names[1]
+    assert np.array_equal(val[1]["mask"].numpy(), resize_nearest(expected["val"][name], (32, 16)))
+
+
+def test_cityscapes_full_size_labels(tmp_path: Path) -> None:
+    expected = fake.write_fake_cityscapes(tmp_path)
+    val = Cityscapes(tmp_path, "val", size=(32, 16), label_size="full")
+    sample = val[0]
+    assert sample["image"].shape == (3, 16, 32) and sample["mask"].shape == (32, 64)
+    assert np.array_equal(sample["mask"].numpy(), expected["val"][val.names[0]])
+    with pytest.raises(ValueError, match="label_size='full'"):
+        Cityscapes(tmp_path, "val", label_size="full", hflip=True)
+
+
+def test_cityscapes_test_split_and_label_modes(tmp_path: Path) -> None:
+    fake.write_fake_cityscapes(tmp_path)
+    test = Cityscapes(tmp_path, "test", size=(32, 16))
+    assert (test[0]["mask"] == 255).all() and test[0]["mask"].shape == (16, 32)
+    unlabeled = Cityscapes(tmp_path, "train", labels="none", size=None)
+    assert all(s.label is None for s in unlabeled.samples) and (unlabeled[0]["mask"] == 255).all()
+    (tmp_path / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 .* no label file .*aachen_000000_000019"):
+        Cityscapes(tmp_path, "train")
+    optional = Cityscapes(tmp_path, "train", labels="optional", size=None)
+    assert (optional[0]["mask"] == 255).all() and (optional[1]["mask"] != 255).any()
+
+
+def test_cityscapes_bad_layouts(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"Cityscapes root .*does not exist.*leftImg8bit"):
+        Cityscapes(tmp_path / "nowhere")
+    (tmp_path / "gtFine" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"image folder .*leftImg8bit .*expected layout"):
+        Cityscapes(tmp_path)
+    (tmp_path / "leftImg8bit" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        Cityscapes(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"val image folder .*leftImg8bit/val"):
+        Cityscapes(tmp_path, "val")
+    fake.write_fake_cityscapes(tmp_path / "cs", {"val": 1})
+    for path in sorted((tmp_path / "cs" / "gtFine").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    with pytest.raises(FileNotFoundError, match=r"label folder .*gtFine"):
+        Cityscapes(tmp_path / "cs", "val")
+    assert len(Cityscapes(tmp_path / "cs", "val", labels="none")) == 1
+    with pytest.raises(ValueError, match="split"):
+        Cityscapes(tmp_path / "cs", "validation")  # type: ignore[arg-type]
+
+
+def test_cityscapes_list_file(tmp_path: Path) -> None:
+    fake.write_fake_cityscapes(tmp_path / "cs")
+    (tmp_path / "list.txt").write_text("bochum/bochum_000001_000019_leftImg8bit.png\naachen/aachen_000000_000019\n")
+    ds = Cityscapes(tmp_path / "cs", list_file=tmp_path / "list.txt")
+    assert ds.names == ["bochum/bochum_000001_000019", "aachen/aachen_000000_000019"]
+
+
+@pytest.mark.parametrize("damage", [fake.corrupt, fake.truncate])
+def test_cityscapes_corrupt_image(tmp_path: Path, damage) -> None:
+    fake.write_fake_cityscapes(tmp_path)
+    damage(tmp_path / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000001_000019_leftImg8bit.png")
+    ds = Cityscapes(tmp_path, "val")
+    with pytest.raises(ValueError, match=r"frankfurt_000001_000019_leftImg8bit\.png"):
+        ds[1]
+
+
+def test_cityscapes_pseudo_labels(tmp_path: Path) -> None:
+    fake.write_fake_cityscapes(tmp_path / "cs")
+    names = Cityscapes(tmp_path / "cs", labels="none").names
+    pseudo = fake.write_pseudo_labels(tmp_path / "pl", names, size=(32, 16))
+    ds = Cityscapes(tmp_path / "cs", size=(32, 16), pseudo_label_root=tmp_path / "pl")
+    for i, name in enumerate(names):
+        assert np.array_equal(ds[i]["mask"].numpy(), pseudo[name])
+    # pseudo labels at the training size are brought to a larger image size by nearest neighbour
+    native = Cityscapes(tmp_path / "cs", size=None, pseudo_label_root=tmp_path / "pl")
+    assert np.array_equal(native[0]["mask"].numpy(), np.kron(pseudo[names[0]], np.ones((2, 2), np.uint8)))
+
+
+def test_cityscapes_pseudo_labels_missing_or_invalid(tmp_path: Path) -> None:
+    fake.write_fake_cityscapes(tmp_path / "cs")
+    names = Cityscapes(tmp_path / "cs", labels="none").names
+    fake.write_pseudo_labels(tmp_path / "pl", names[:1], size=(32, 16))
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 .*no pseudo-label file .*aachen_000002_000019"):
+        Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
+    with pytest.raises(FileNotFoundError, match="pseudo_label_root .*does not exist"):
+        Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "absent")
+    fake.write_pseudo_labels(tmp_path / "pl", names, size=(32, 16))
+    Image.fromarray(np.full((16, 32), 19, np.uint8), mode="L").save(tmp_path / "pl" / f"{names[2]}.png")
+    ds = Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
+    with pytest.raises(ValueError, match=r"bochum_000001_000019\.png holds value 19"):
+        ds[2]
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def test_transform_caffe_bgr_mean() -> None:
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 200, 100, 50  # R, G, B
+    out, mask = SegmentationTransform(size=None, normalization="caffe")(image, np.zeros((4, 6), np.uint8))
+    assert torch.allclose(out[:, 0, 0], torch.tensor([50 - 104.00698793, 100 - 116.66876762, 200 - 122.67891434]))
+    assert mask.dtype == torch.int64
+    assert np.array_equal(denormalize(out, "caffe"), image)
+
+
+def test_transform_crop_pads_mask_with_ignore_and_flip_is_joint() -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 19, (8, 12)).astype(np.uint8)
+    image = np.repeat(mask[:, :, None] * 10, 3, axis=2).astype(np.uint8)  # the mask, readable from the image
+    transform = SegmentationTransform(size=None, crop_size=(16, 10), hflip=True, random_scale=(1.0, 1.0))
+    for _ in range(6):
+        out, out_mask = transform(image, mask)
+        assert out.shape == (3, 10, 16) and out_mask.shape == (10, 16)
+        pixels = denormalize(out)[..., 0].astype(int)
+        valid = out_mask != 255
+        assert valid.sum() == 8 * 12
+        assert np.array_equal(pixels[valid.numpy()] // 10, out_mask[valid].numpy())
+
+
+def test_transform_random_scale_range() -> None:
+    transform = SegmentationTransform(size=(40, 20), random_scale=(0.5, 2.0))
+    shapes = {transform(np.zeros((20, 40, 3), np.uint8), np.zeros((20, 40), np.uint8))[1].shape for _ in range(8)}
+    assert all(10 <= h <= 40 for h, _ in shapes) and len(shapes) > 1
+    with pytest.raises(ValueError, match="random_scale"):
+        SegmentationTransform(random_scale=(2.0, 1.0))
+    with pytest.raises(ValueError, match="crop_size"):
+        SegmentationTransform(crop_size=(0, 5))
+    with pytest.raises(ValueError, match="normalization"):
+        SegmentationTransform(normalization="bgr")  # type: ignore[arg-type]

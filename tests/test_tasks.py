@@ -1,0 +1,504 @@
+"""The Lightning tasks: loss terms of METHOD.md, frozen SAM, schedule/resume, generations, SAM files, evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from uda_sam.callbacks import PredictionWriter
+from uda_sam.data.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
+from uda_sam.nn import SelfAttentionModule, segmentation_loss
+from uda_sam.tasks import (
+    SAMPretraining,
+    SegmentationTask,
+    SelfTraining,
+    network_state_dict,
+    save_sam,
+)
+from uda_sam.tasks.optim import lr_factor
+
+
+def make_trainer(root: Path, max_steps: int = 2, **kwargs: Any) -> Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": str(root),
+    }
+    options.update(kwargs)
+    return Trainer(**options)
+
+
+def sam_file(path: Path, channels: int = 19, layer: str = "prediction", seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    return save_sam(SelfAttentionModule(channels), path, layer=layer)  # type: ignore[arg-type]
+
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def fake_batch(seed: int = 0) -> dict[str, dict[str, Any]]:
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(h: int, w: int) -> dict[str, Any]:
+        mask = torch.randint(0, 19, (1, h, w), generator=g)
+        mask[:, : h // 4] = 255
+        return {"image": torch.randn(1, 3, h, w, generator=g), "mask": mask, "name": ["x"]}
+
+    return {"source": sample(40, 72), "target": sample(32, 64)}
+
+
+def up(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def capture_losses(task: SegmentationTask) -> dict[str, Any]:
+    captured: dict[str, Any] = {}
+
+    def record(total: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        captured.update(total=total, terms=terms)
+
+    task.log_losses = record  # type: ignore[method-assign]
+    return captured
+
+
+# ------------------------------------------------------------------------------------------ loss terms
+@pytest.mark.parametrize(
+    ("sa_target", "sa_domains"),
+    [("residual", "both"), ("attended", "both"), ("residual", "target"), ("attended", "target")],
+)
+def test_self_training_loss_matches_method(
+    tmp_path: Path, tiny_network, sa_target: str, sa_domains: str
+) -> None:
+    path = sam_file(tmp_path / "sam.pt")
+    task = SelfTraining(
+        tiny_network(), sam_path=str(path), lambda_sa=0.1, sa_target=sa_target, sa_domains=sa_domains
+    )
+    captured = capture_losses(task)
+    batch = fake_batch()
+    total = task.training_step(batch, 0)
+
+    net, sam = task.network, task.sam
+    src, tgt = batch["source"], batch["target"]
+    p_s, p_t = net(src["image"]), net(tgt["image"])
+
+    def l_sa(p: torch.Tensor) -> torch.Tensor:  # eq. (8) / (9): MSE to the detached SAM target
+        with torch.no_grad():
+            goal = p + sam(p) if sa_target == "residual" else sam(p)
+        return ((p - goal) ** 2).mean()
+
+    seg_s = segmentation_loss(up(p_s, src["mask"]), src["mask"])
+    seg_t = segmentation_loss(up(p_t, tgt["mask"]), tgt["mask"])
+    attention = l_sa(p_t) + (l_sa(p_s) if sa_domains == "both" else 0.0)
+    torch.testing.assert_close(total, seg_s + seg_t + 0.1 * attention)
+    expected_terms = {"loss_seg_source", "loss_seg_target", "loss_sa_target"} | (
+        {"loss_sa_source"} if sa_domains == "both" else set()
+    )
+    assert set(captured["terms"]) == expected_terms
+    torch.testing.assert_close(captured["terms"]["loss_sa_target"], l_sa(p_t))
+    total.backward()
+    assert all(p.grad is None for p in sam.parameters())  # frozen: no gradient reaches the SAM
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_pseudo_only_and_no_pseudo_losses(tmp_path: Path, tiny_network) -> None:
+    batch = fake_batch(1)
+    src, tgt = batch["source"], batch["target"]
+    pseudo_only = SelfTraining(tiny_network(), lambda_sa=0.0)
+    assert pseudo_only.sam is None
+    captured = capture_losses(pseudo_only)
+    total = pseudo_only.training_step(batch, 0)
+    net = pseudo_only.network
+    expected = segmentation_loss(up(net(src["image"]), src["mask"]), src["mask"]) + segmentation_loss(
+        up(net(tgt["image"]), tgt["mask"]), tgt["mask"]
+    )
+    torch.testing.assert_close(total, expected)
+    assert set(captured["terms"]) == {"loss_seg_source", "loss_seg_target"}
+
+    no_pseudo = SelfTraining(tiny_network(), lambda_sa=0.0, use_target=False)
+    captured = capture_losses(no_pseudo)
+    total = no_pseudo.training_step({"source": src}, 0)  # the target batch is not needed
+    torch.testing.assert_close(
+        total, segmentation_loss(up(no_pseudo.network(src["image"]), src["mask"]), src["mask"])
+    )
+    assert set(captured["terms"]) == {"loss_seg_source"}
+
+
+@pytest.mark.parametrize("distance", ["kl", "cosine"])
+def test_self_training_distance_variants(tmp_path: Path, tiny_network, distance: str) -> None:
+    path = sam_file(tmp_path / "sam.pt")
+    task = SelfTraining(
+        tiny_network(), sam_path=str(path), sa_distance=distance, sa_domains="target", use_target=False
+    )
+    captured = capture_losses(task)
+    batch = fake_batch(2)
+    total = task.training_step(batch, 0)
+    p = task.network(batch["target"]["image"])
+    with torch.no_grad():
+        goal = p + task.sam(p)
+    if distance == "kl":  # KL(softmax(P~_i) || softmax(P_i)) per pixel row
+        q = goal.softmax(1)
+        expected = (q * (goal.log_softmax(1) - p.log_softmax(1))).sum(1).mean()
+    else:
+        expected = (1 - F.cosine_similarity(p, goal, dim=1)).mean()
+    torch.testing.assert_close(captured["terms"]["loss_sa_target"], expected)
+    seg_s = segmentation_loss(
+        up(task.network(batch["source"]["image"]), batch["source"]["mask"]), batch["source"]["mask"]
+    )
+    torch.testing.assert_close(total, seg_s + 0.1 * expected)
+
+
+@pytest.mark.parametrize("sa_layer", ["feature", "both"])
+def test_self_training_feature_layer(tmp_path: Path, tiny_network, sa_layer: str) -> None:
+    feature_path = sam_file(tmp_path / "feature_sam.pt", channels=8, layer="feature", seed=3)
+    sam_path = str(sam_file(tmp_path / "sam.pt")) if sa_layer == "both" else None
+    task = SelfTraining(
+        tiny_network(),
+        sam_path=sam_path,
+        sa_layer=sa_layer,
+        feature_sam_path=str(feature_path),
+        sa_domains="target",
+    )
+    captured = capture_losses(task)
+    batch = fake_batch(3)
+    task.training_step(batch, 0)
+    logits, features = task.network(batch["target"]["image"], return_features=True)
+    with torch.no_grad():
+        expected = F.mse_loss(features, features + task.feature_sam(features))
+        if sa_layer == "both":
+            expected = expected + F.mse_loss(logits, logits + task.sam(logits))
+    torch.testing.assert_close(captured["terms"]["loss_sa_target"], expected)
+
+
+@pytest.mark.parametrize(("skip", "layer"), [(True, "prediction"), (False, "prediction"), (True, "feature")])
+def test_sam_pretraining_loss(tiny_network, skip: bool, layer: str) -> None:
+    task = SAMPretraining(tiny_network(), skip_connection=skip, layer=layer)
+    capture_losses(task)
+    batch = fake_batch(4)
+    src = batch["source"]
+    loss = task.training_step(batch, 0)
+    net, sam = task.network, task.sam
+    if layer == "prediction":
+        p = net(src["image"])
+        out = p + sam(p) if skip else sam(p)
+    else:
+        _, feats = net(src["image"], return_features=True)
+        out = net.classifier(feats + sam(feats))
+    torch.testing.assert_close(loss, segmentation_loss(up(out, src["mask"]), src["mask"]))
+    loss.backward()
+    assert all(p.grad is not None for p in sam.parameters())  # trained jointly
+    groups = task.optimizer_param_groups()
+    assert {id(p) for p in sam.parameters()} <= {id(p) for g in groups for p in g["params"]}
+
+
+# --------------------------------------------------------------------------------------- frozen SAM
+class ModeCheck(Callback):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        assert pl_module.network.training and not pl_module.sam.training  # type: ignore[union-attr]
+        self.calls += 1
+
+
+def test_sam_frozen_bit_identical(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")))
+    sam_before, net_before = state_copy(task.sam), state_copy(task.network)
+    check = ModeCheck()
+    make_trainer(tmp_path, max_steps=2, callbacks=[check], limit_val_batches=1, val_check_interval=2).fit(
+        task, datamodule=toy_datamodule()
+    )
+    assert check.calls == 2
+    assert_same_state(sam_before, state_copy(task.sam))
+    assert not all(torch.equal(net_before[k], v) for k, v in state_copy(task.network).items())
+    optimised = {id(p) for g in task.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in task.sam.parameters()}
+
+
+# ------------------------------------------------------------------------------ schedule and resume
+class LRRecorder(Callback):
+    def __init__(self) -> None:
+        self.records: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.records[trainer.global_step] = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+
+class NewGeneration(Callback):
+    def __init__(self, at_step: int, reinitialize: bool = True) -> None:
+        self.at_step = at_step
+        self.reinitialize = reinitialize
+        self.checked = False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        optimizer = trainer.optimizers[0]
+        before = state_copy(pl_module.network)
+        assert optimizer.state  # momentum buffers exist
+        pl_module.start_new_generation(reinitialize_network=self.reinitialize)
+        if self.reinitialize:
+            assert_same_state(pl_module._initial_network_state, state_copy(pl_module.network))
+        else:
+            assert_same_state(before, state_copy(pl_module.network))
+        assert not optimizer.state
+        assert pl_module.schedule_origin == self.at_step
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([pl_module.lr, pl_module.lr * 10])
+        self.checked = True
+
+
+def test_poly_schedule_follows_global_step(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    recorder = LRRecorder()
+    task = SegmentationTask(tiny_network(), lr=0.01)
+    make_trainer(tmp_path, max_steps=4, callbacks=[recorder]).fit(task, datamodule=toy_datamodule())
+    for step, lrs in recorder.records.items():
+        factor = (1 - step / 4) ** 0.9
+        assert lrs == pytest.approx([0.01 * factor, 0.1 * factor])
+
+
+@pytest.mark.parametrize("reinitialize", [True, False])
+def test_start_new_generation_resets(
+    tmp_path: Path, tiny_network, toy_datamodule, reinitialize: bool
+) -> None:
+    generation = NewGeneration(at_step=2, reinitialize=reinitialize)
+    recorder = LRRecorder()
+    task = SelfTraining(tiny_network(), lambda_sa=0.0, lr=0.01, schedule_steps=4)
+    make_trainer(tmp_path, max_steps=4, callbacks=[generation, recorder]).fit(
+        task, datamodule=toy_datamodule()
+    )
+    assert generation.checked
+    assert recorder.records[3] == pytest.approx(
+        [0.01 * 0.75**0.9, 0.1 * 0.75**0.9]
+    )  # one step into the new schedule
+
+
+def test_resume_continues_step_and_schedule(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    def run(root: Path, ckpt_path: str | None) -> tuple[LRRecorder, SelfTraining]:
+        recorder = LRRecorder()
+        checkpoints = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}"
+        )
+        task = SelfTraining(tiny_network(), lambda_sa=0.0, lr=0.01)
+        trainer = make_trainer(
+            root,
+            max_steps=5,
+            callbacks=[NewGeneration(at_step=1), recorder, checkpoints],
+            enable_checkpointing=True,
+        )
+        trainer.fit(task, datamodule=toy_datamodule(), ckpt_path=ckpt_path)
+        return recorder, task
+
+    full, _ = run(tmp_path / "a", None)
+    ckpt = tmp_path / "ckpt" / "step=2.ckpt"
+    assert ckpt.is_file()
+    torch.load(ckpt, weights_only=True)  # plain tensors and containers only
+    resumed, task = run(tmp_path / "b", str(ckpt))
+    assert min(resumed.records) == 2  # continues at the saved step
+    assert task.schedule_origin == 1 and task.global_step == 5
+    for step in (2, 3, 4):
+        assert resumed.records[step] == pytest.approx(full.records[step], rel=1e-12)
+    assert full.records[2] == pytest.approx([0.01 * lr_factor(1, "poly", 5), 0.1 * lr_factor(1, "poly", 5)])
+
+
+def test_optimizer_and_schedule_choices(tiny_network) -> None:
+    task = SegmentationTask(
+        tiny_network(), optimizer="adam", lr=1e-5, betas=(0.9, 0.99), lr_schedule="step", step_size=2
+    )
+    config = task.configure_optimizers()
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["betas"] == (0.9, 0.99)
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert [lr_factor(s, "step", step_size=2, gamma=0.1) for s in range(5)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01]
+    )
+    with pytest.raises(ValueError, match="schedule_steps"):
+        SegmentationTask(
+            tiny_network()
+        ).configure_optimizers()  # poly without trainer.max_steps or schedule_steps
+
+
+# ------------------------------------------------------------------------------------------ SAM files
+def test_sam_export_round_trip(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    task = SAMPretraining(tiny_network(), lr=0.01)
+    initial_sam = state_copy(task.sam)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, max_steps=2, callbacks=[checkpoints], enable_checkpointing=True).fit(
+        task, datamodule=toy_datamodule()
+    )
+    exported = tmp_path / "sam.pt"  # default: <default_root_dir>/sam.pt without a logger
+    payload = torch.load(exported, weights_only=True)
+    assert set(payload) == {"state_dict", "num_classes", "embed_channels", "kernel_size", "use_conv", "layer"}
+    assert payload["num_classes"] == 19 and payload["layer"] == "prediction"
+    trained = state_copy(task.sam)
+    assert not torch.equal(
+        trained["transform.weight"], initial_sam["transform.weight"]
+    )  # the SAM was trained
+
+    from_file = SelfTraining(tiny_network(seed=5), sam_path=str(exported))
+    from_ckpt = SelfTraining(tiny_network(seed=5), sam_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert_same_state(trained, state_copy(from_file.sam))
+    assert_same_state(trained, state_copy(from_ckpt.sam))
+    assert_same_state(state_copy(task.network), network_state_dict(tmp_path / "ckpt" / "last.ckpt"))
+
+
+def test_no_conv_sam_needs_no_file(tiny_network) -> None:
+    task = SelfTraining(tiny_network(), sam_use_conv=False)
+    assert task.sam is not None and not task.sam.use_conv and not list(task.sam.parameters())
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("missing", FileNotFoundError, r"sam_path: .*missing\.pt does not exist"),
+        ("other_classes", ValueError, r"sam_path: .*5 input channels.*19 classes"),
+        ("network_checkpoint", ValueError, r"sam_path: .*not a SAM file nor a SAM checkpoint"),
+        ("not_torch", ValueError, r"sam_path: cannot read"),
+        ("feature_sam", ValueError, r"sam_path: .*'feature' layer"),
+    ],
+)
+def test_bad_sam_path(tmp_path: Path, tiny_network, case: str, error: type[Exception], match: str) -> None:
+    path = tmp_path / f"{case}.pt"
+    if case == "other_classes":
+        sam_file(path, channels=5)
+    elif case == "network_checkpoint":
+        torch.save({"state_dict": {"network.classifier.weight": torch.zeros(19, 8, 1, 1)}, "epoch": 0}, path)
+    elif case == "not_torch":
+        path.write_text("not a checkpoint")
+    elif case == "feature_sam":
+        sam_file(path, channels=8, layer="feature")
+    with pytest.raises(error, match=match):
+        SelfTraining(tiny_network(), sam_path=str(path))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sa_target": "residuals"}, r"sa_target must be one of \['residual', 'attended'\]"),
+        ({"sa_domains": "source"}, "sa_domains"),
+        ({"sa_distance": "l1"}, "sa_distance"),
+        ({"sa_layer": "logits"}, "sa_layer"),
+        ({"lambda_sa": -1.0}, "lambda_sa"),
+        ({"lambda_sa": 0.1}, "needs sam_path"),
+        ({"sa_layer": "feature"}, "needs feature_sam_path"),
+        ({"sam_use_conv": False, "sam_path": "sam.pt"}, "remove sam_path"),
+        ({"optimizer": "rmsprop", "lambda_sa": 0.0}, "optimizer must be one of"),
+        ({"val_class_subsets": ["12"], "lambda_sa": 0.0}, "val_class_subsets"),
+    ],
+)
+def test_bad_options(tiny_network, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SelfTraining(tiny_network(), **kwargs)
+
+
+# ------------------------------------------------------------------------------ evaluation and media
+def test_validation_logs_miou_subsets(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    task = SelfTraining(tiny_network(), lambda_sa=0.0, val_class_subsets=["16", "13"])
+    trainer = make_trainer(tmp_path, limit_val_batches=None)
+    trainer.validate(task, datamodule=toy_datamodule(target_size=(32, 16)))
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/mIoU"]) == float(metrics["val/mIoU_16"])
+    assert {"val/mIoU_13", "val/loss", *(f"val/iou/{n}" for n in CLASS_NAMES)} <= set(metrics)
+    assert "val/mIoU_19" not in metrics
+    assert 0.0 <= float(metrics["val/mIoU"]) <= 1.0
+
+
+class RecordingWandbLogger(WandbLogger):
+    """A WandbLogger that records media calls instead of starting a W&B run."""
+
+    def __init__(self) -> None:
+        super().__init__(project="test", offline=True)
+        self.media: dict[str, dict[str, Any]] = {}
+
+    @property
+    def experiment(self) -> Any:  # never start a (global) W&B run from a unit test
+        return None
+
+    def log_metrics(self, metrics: Any, step: Any = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: Any) -> None:
+        self.media[key] = {"images": images, "step": step, **kwargs}
+
+    def log_table(
+        self, key: str, columns: Any = None, data: Any = None, dataframe: Any = None, step: Any = None
+    ) -> None:
+        self.media[key] = {"columns": columns, "data": data, "step": step}
+
+
+def test_wandb_table_and_images(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    logger = RecordingWandbLogger()
+    task = SegmentationTask(tiny_network(), num_val_images_logged=2)
+    trainer = make_trainer(tmp_path, logger=logger, limit_val_batches=None)
+    trainer.validate(task, datamodule=toy_datamodule())
+    table = logger.media["val/iou_table"]
+    assert table["columns"] == ["trainId", "class", "IoU (%)"]
+    assert [row[1] for row in table["data"][:19]] == list(CLASS_NAMES) and table["data"][19][1] == "mIoU (19)"
+    images = logger.media["val/predictions"]
+    assert len(images["images"]) == 2 and len(images["caption"]) == 2
+    mask = images["masks"][0]
+    assert mask["prediction"]["mask_data"].shape == images["images"][0].shape[:2]
+    assert mask["ground_truth"]["class_labels"][0] == "road"
+    assert logger.media["val/predictions_color"]["images"][0].shape[1] == 3 * images["images"][0].shape[1]
+
+
+def test_predict_writes_label_id_and_color_pngs(
+    tmp_path: Path, tiny_network, toy_datamodule, toy_root: Path
+) -> None:
+    from uda_sam.evaluate import evaluate_folder
+
+    out = tmp_path / "pred"
+    trainer = make_trainer(tmp_path, callbacks=[PredictionWriter(str(out))])
+    # Images at half size: predictions must still come back at the original 64x32.
+    trainer.predict(
+        SegmentationTask(tiny_network()),
+        datamodule=toy_datamodule(target_size=(32, 16)),
+        return_predictions=False,
+    )
+    gt = sorted((toy_root / "cityscapes" / "gtFine" / "val").glob("*/*_labelIds.png"))
+    label_files = sorted((out / "labelIds").glob("*/*_labelIds.png"))
+    assert len(label_files) == len(gt) == 2
+    valid_ids = set(TRAIN_ID_TO_LABEL_ID[:19].tolist())
+    for path in label_files:
+        image = Image.open(path)
+        assert image.mode == "L" and image.size == (64, 32)
+        assert set(np.unique(np.asarray(image)).tolist()) <= valid_ids
+        color = Image.open(out / "color" / path.parent.name / path.name.replace("_labelIds", "_color"))
+        assert color.mode == "RGB" and color.size == (64, 32)
+    result = evaluate_folder(out / "labelIds", toy_root / "cityscapes")
+    assert result["num_images"] == 2 and not math.isnan(float(result["mIoU_19"]))
+
+
+def test_bf16_mixed_step(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")))
+    trainer = make_trainer(tmp_path, max_steps=1, precision="bf16-mixed")
+    trainer.fit(task, datamodule=toy_datamodule())
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert {"train/loss_sa_source", "train/loss_sa_target", "train/lr_backbone"} <= set(
+        trainer.callback_metrics
+    )

@@ -1,0 +1,10 @@
+"""``python -m uda_sam``: the same as the ``uda-sam`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from uda_sam.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Lightning callbacks of the package."""
+
+from __future__ import annotations
+
+from uda_sam.callbacks.attention import AttentionVisualization
+from uda_sam.callbacks.entropy import EntropyAnalysisCallback
+from uda_sam.callbacks.prediction_writer import PredictionWriter
+from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
+
+__all__ = ["AttentionVisualization", "EntropyAnalysisCallback", "PredictionWriter", "PseudoLabelRegeneration"]

@@ -1,0 +1,189 @@
+"""Entropy analysis during training (Fig. 4, eq. 12): mean entropy of correct and incorrect validation pixels."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Subset
+
+from uda_sam.analysis import EntropyAnalysis, eval_mode
+
+__all__ = ["EntropyAnalysisCallback"]
+
+CSV_FIELDS = ("step", "entropy_correct", "entropy_incorrect", "num_images")
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int, max_images: int | None = None) -> DataLoader:
+    """A one-pass copy of ``loader`` over this process's share of its (first ``max_images``) samples.
+
+    Indices are split as ``indices[rank::world_size]`` so that every image is seen exactly once across processes
+    (a ``DistributedSampler`` would pad by repeating samples).
+    """
+    count = len(loader.dataset)  # type: ignore[arg-type]
+    if max_images is not None:
+        count = min(count, max_images)
+    subset = Subset(loader.dataset, list(range(count))[rank::world_size])
+    return DataLoader(
+        subset,
+        batch_size=loader.batch_size or 1,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def validation_loader(trainer: Trainer) -> DataLoader | None:
+    """The datamodule's validation loader (the first one if it returns several), or ``None``."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+        return None
+    loader = datamodule.val_dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return loader if isinstance(loader, DataLoader) else None
+
+
+class EntropyAnalysisCallback(Callback):
+    """Every ``every_n_steps`` training steps (and once when training ends), the entropy analysis of Fig. 4.
+
+    Runs ``pl_module.network`` (the segmentation network alone, as at inference) over the validation set of
+    ``trainer.datamodule`` in eval mode without gradients, under the trainer's precision (autocast for mixed
+    precision); logits are upsampled with ``network.upsample_logits`` to the label size and softmaxed in float32.
+    Per image, the pixels are split into correctly and incorrectly classified ones (255 ignored), the mean entropy
+    (nats) of each group is taken, and these are averaged over images, skipping images without such pixels.
+
+    Under DDP each process takes ``indices[rank::world_size]`` of the validation images and the sums are reduced
+    across processes, so every image counts once. Results go to every logger as ``analysis/entropy_correct`` and
+    ``analysis/entropy_incorrect`` (at the trainer's global step), and a CSV with columns
+    ``step, entropy_correct, entropy_incorrect, num_images`` (appended to, written by rank 0).
+
+    Args:
+        every_n_steps: Interval in optimizer steps (the paper: 2000).
+        output_csv: CSV path; ``None`` means ``entropy.csv`` in ``trainer.log_dir`` (else ``default_root_dir``).
+        max_images: Use only the first ``max_images`` validation images (``None``: all; the paper uses 500).
+
+    Raises:
+        ValueError: If ``every_n_steps`` or ``max_images`` is not positive.
+    """
+
+    def __init__(
+        self, every_n_steps: int = 2000, output_csv: str | None = None, max_images: int | None = None
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer; got {every_n_steps}")
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be a positive integer or None; got {max_images}")
+        self.every_n_steps = int(every_n_steps)
+        self.output_csv = output_csv
+        self.max_images = max_images
+        self._last_step: int | None = None
+        self._warned = False
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Run the analysis when the global step reaches a multiple of ``every_n_steps``."""
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run once more for the final weights unless that step was just analysed."""
+        if trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last analysed step (so a resumed run does not repeat it)."""
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._last_step = state_dict.get("last_step")
+
+    # ------------------------------------------------------------------------------------------------ work
+    def csv_path(self, trainer: Trainer) -> Path:
+        """Where the CSV goes. Call on every process: ``trainer.log_dir`` is a collective under DDP."""
+        if self.output_csv is not None:
+            return Path(self.output_csv)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "entropy.csv"
+
+    def analyse(self, trainer: Trainer, pl_module: LightningModule) -> EntropyAnalysis | None:
+        """Run the network over this process's share of the validation set and sum the state over processes.
+
+        Returns:
+            The combined :class:`~uda_sam.analysis.EntropyAnalysis` (identical on every process), or ``None`` when the
+            trainer has no datamodule with a validation loader.
+        """
+        loader = validation_loader(trainer)
+        if loader is None:
+            if not self._warned:
+                rank_zero_warn(
+                    "EntropyAnalysisCallback needs trainer.datamodule.val_dataloader(); skipping the analysis"
+                )
+                self._warned = True
+            return None
+        network = pl_module.network
+        loader = shard_loader(loader, trainer.global_rank, trainer.world_size, self.max_images)
+        analysis = EntropyAnalysis()
+        device = pl_module.device
+        with eval_mode(network), torch.no_grad():
+            for batch in loader:
+                image = batch["image"].to(device, non_blocking=True)
+                mask = batch["mask"].to(device, non_blocking=True)
+                with trainer.precision_plugin.forward_context():
+                    logits = network(image)
+                # Upsampling and softmax in float32: bf16 probabilities would blur the entropy of confident pixels.
+                logits = network.upsample_logits(logits.float(), tuple(mask.shape[-2:]))
+                analysis.update(logits.softmax(dim=1), mask)
+        state = trainer.strategy.reduce(analysis.state_tensor().to(device), reduce_op="sum")
+        analysis.load_state_tensor(state)
+        return analysis
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float] | None:
+        """Analyse, log and append to the CSV; every process must call it (it reduces across processes)."""
+        step = trainer.global_step
+        self._last_step = step
+        analysis = self.analyse(trainer, pl_module)
+        if analysis is None:
+            return None
+        result = analysis.compute()
+        path = self.csv_path(trainer)
+        if trainer.is_global_zero:
+            metrics = {
+                "analysis/entropy_correct": result["entropy_correct"],
+                "analysis/entropy_incorrect": result["entropy_incorrect"],
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            self._append_row(path, step, result)
+        return result
+
+    @staticmethod
+    def _append_row(path: Path, step: int, result: dict[str, float]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not path.exists() or os.path.getsize(path) == 0
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new_file:
+                writer.writerow(CSV_FIELDS)
+            writer.writerow(
+                [
+                    step,
+                    _fmt(result["entropy_correct"]),
+                    _fmt(result["entropy_incorrect"]),
+                    result["num_images"],
+                ]
+            )
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.6f}"

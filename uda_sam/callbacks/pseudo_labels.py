@@ -1,0 +1,256 @@
+"""Regenerate class-wise thresholded pseudo labels at every generation of self-training (METHOD.md, Sec. 5.3)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from uda_sam.generation import GenerationResult, ProcessGroup, generate_pseudo_labels, read_finished_generation
+
+__all__ = ["PseudoLabelRegeneration", "load_network_weights"]
+
+
+def load_network_weights(network: torch.nn.Module, checkpoint_path: str | Path, option: str = "checkpoint") -> None:
+    """Load the ``network.*`` weights of a uda-sam Lightning checkpoint into ``network``.
+
+    Args:
+        network: The network to fill (same architecture and number of classes as the checkpoint's).
+        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``).
+        option: Name of the option that gave the path, for error messages.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a uda-sam network checkpoint or its weights do not fit ``network``.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}: no checkpoint at {path} (expected a Lightning .ckpt of a uda-sam task)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise ValueError(f"{option}: {path} is not a readable PyTorch checkpoint ({error})") from error
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    weights = {k[len("network.") :]: v for k, v in (state or {}).items() if k.startswith("network.")}
+    if not weights:
+        raise ValueError(
+            f"{option}: {path} holds no segmentation network weights (expected a Lightning checkpoint of a "
+            "uda-sam task, whose state_dict has 'network.*' keys)"
+        )
+    expected = network.state_dict()
+    mismatched = [k for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
+    missing = sorted(set(expected) - set(weights))
+    if mismatched or missing:
+        detail = f"shape mismatch in {mismatched[:3]}" if mismatched else f"missing keys {missing[:3]}"
+        raise ValueError(
+            f"{option}: the network in {path} does not fit the configured network ({detail}); "
+            "check the number of classes and the backbone"
+        )
+    network.load_state_dict(weights, strict=False)
+
+
+class PseudoLabelRegeneration(Callback):
+    """Make pseudo labels for the target training images at the start of every generation.
+
+    Generation 1 labels come from ``teacher_checkpoint`` (the "No Pseudo" network); generation ``k > 1`` labels
+    from the student at the end of generation ``k - 1``. For each generation the callback runs the network over
+    every target training image without augmentation (each image exactly once across DDP ranks), estimates the
+    class-wise median thresholds, writes ``{output_dir}/generation_{k}/`` atomically (label PNGs,
+    ``thresholds.json``, ``statistics.json``), points the datamodule at it, and, with ``reinitialize``, restarts the
+    student from its initial weights with a fresh optimiser and learning-rate schedule (the paper's protocol).
+
+    Generation boundaries fall every ``steps_per_generation`` optimiser steps and are applied at the end of a
+    training epoch, so that the next epoch's data loader reads the new labels; with several generations in one
+    fit, set the datamodule's ``steps_per_epoch`` so that it divides ``steps_per_generation``. Resuming from a
+    checkpoint restores the generation index and label folder: labels are not regenerated.
+
+    Args:
+        teacher_checkpoint: Lightning checkpoint whose network makes generation 1's labels; ``None`` uses the
+            network being trained as it is at the start of the fit.
+        output_dir: Folder that receives one sub-folder per generation.
+        num_generations: Number of generations in this fit.
+        steps_per_generation: Optimiser steps per generation; default ``trainer.max_steps // num_generations``.
+        cap: Upper bound of the class-wise thresholds (0.9 in the paper).
+        num_bins: Confidence-histogram bins (bin width ``1 / num_bins``).
+        reinitialize: Restart the student network, optimiser and schedule at each new generation.
+        batch_size: Images per inference batch.
+        num_workers: Data-loading workers for inference.
+        reuse_existing: Reuse a finished generation folder whose recorded run signature matches this run's.
+    """
+
+    def __init__(
+        self,
+        teacher_checkpoint: str | None = None,
+        output_dir: str = "pseudo_labels",
+        num_generations: int = 1,
+        steps_per_generation: int | None = None,
+        cap: float = 0.9,
+        num_bins: int = 1000,
+        reinitialize: bool = True,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        reuse_existing: bool = True,
+    ) -> None:
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        if steps_per_generation is not None and steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be >= 1, got {steps_per_generation}")
+        self.teacher_checkpoint = teacher_checkpoint
+        self.output_dir = Path(output_dir)
+        self.num_generations = num_generations
+        self.steps_per_generation = steps_per_generation
+        self.cap = cap
+        self.num_bins = num_bins
+        self.reinitialize = reinitialize
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.reuse_existing = reuse_existing
+        self.generation = 0
+        self.label_dir: str | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.teacher_checkpoint is not None and not Path(self.teacher_checkpoint).is_file():
+            raise FileNotFoundError(
+                f"PseudoLabelRegeneration.teacher_checkpoint: no checkpoint at {self.teacher_checkpoint} "
+                "(train the 'No Pseudo' stage first, or pass the path of its .ckpt)"
+            )
+        datamodule = trainer.datamodule
+        for method in ("target_inference_dataset", "set_pseudo_label_root"):
+            if not hasattr(datamodule, method):
+                raise ValueError(f"PseudoLabelRegeneration needs a datamodule with `{method}()` (UDADataModule)")
+        if self.num_generations > 1 and self.reinitialize and not hasattr(pl_module, "start_new_generation"):
+            raise ValueError("PseudoLabelRegeneration(reinitialize=True) needs a task with `start_new_generation()`")
+        if self.steps_per_generation is None:
+            if trainer.max_steps is None or trainer.max_steps < 1:
+                raise ValueError("PseudoLabelRegeneration: set trainer.max_steps or steps_per_generation")
+            self.steps_per_generation = max(1, trainer.max_steps // self.num_generations)
+        # Each generation runs its own learning-rate schedule over its own steps.
+        if self.num_generations > 1 and getattr(pl_module, "schedule_steps", 0) is None:
+            pl_module.schedule_steps = self.steps_per_generation
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after a checkpoint's callback state is restored and before the train loader is built.
+        if self.generation > 0 and self.label_dir is not None:
+            if read_finished_generation(self.label_dir) is None:
+                raise FileNotFoundError(
+                    f"resuming at pseudo-label generation {self.generation}, but its folder {self.label_dir} is "
+                    "missing or unfinished"
+                )
+            rank_zero_info(f"Resuming with pseudo-label generation {self.generation} from {self.label_dir}")
+            trainer.datamodule.set_pseudo_label_root(self.label_dir)
+            return
+        teacher = copy.deepcopy(pl_module.network)
+        if self.teacher_checkpoint is not None:
+            load_network_weights(teacher, self.teacher_checkpoint, "PseudoLabelRegeneration.teacher_checkpoint")
+        teacher.to(pl_module.device)
+        self._run_generation(trainer, pl_module, teacher, 1, teacher=str(self.teacher_checkpoint))
+        del teacher
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch_length = trainer.num_training_batches
+        steps = self.steps_per_generation
+        if self.num_generations > 1 and epoch_length != float("inf") and steps % int(epoch_length) != 0:
+            raise ValueError(
+                f"PseudoLabelRegeneration: steps_per_generation={steps} is not a multiple of the training epoch "
+                f"({int(epoch_length)} steps); set the datamodule's steps_per_epoch to a divisor of it so that each "
+                "generation starts with a fresh data loader"
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        boundary = self.generation * self.steps_per_generation
+        if self.generation >= self.num_generations or trainer.global_step < boundary:
+            return
+        next_generation = self.generation + 1
+        self._run_generation(
+            trainer, pl_module, pl_module.network, next_generation, teacher=f"student at step {trainer.global_step}"
+        )
+        if self.reinitialize:
+            pl_module.start_new_generation(reinitialize_network=True, schedule_steps=self.steps_per_generation)
+        # Rebuild the train loader at the next epoch so that its (possibly persistent) workers read the new labels.
+        trainer.fit_loop._combined_loader = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation, "label_dir": self.label_dir, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.generation = int(state_dict["generation"])
+        self.label_dir = state_dict["label_dir"]
+        self.history = list(state_dict.get("history", []))
+
+    # ----------------------------------------------------------------------------------------- the work
+    def _run_generation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: torch.nn.Module, generation: int, teacher: str
+    ) -> None:
+        strategy = trainer.strategy
+        group = ProcessGroup(
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            reduce_sum=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
+            barrier=strategy.barrier,
+            device=pl_module.device,
+        )
+        dataset = trainer.datamodule.target_inference_dataset()
+        label_dir = self.output_dir / f"generation_{generation}"
+        rank_zero_info(f"Pseudo labels, generation {generation}: {len(dataset)} target images -> {label_dir}")
+        result = generate_pseudo_labels(
+            network,
+            dataset,
+            label_dir,
+            signature={"generation": generation, "teacher": teacher},
+            num_classes=getattr(network, "num_classes", 19),
+            cap=self.cap,
+            num_bins=self.num_bins,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=pl_module.device,
+            autocast_dtype=_autocast_dtype(trainer),
+            group=group,
+            reuse_existing=self.reuse_existing,
+            progress=trainer.progress_bar_callback is not None,
+        )
+        self.generation = generation
+        self.label_dir = str(label_dir)
+        trainer.datamodule.set_pseudo_label_root(self.label_dir)
+        self.history.append({"generation": generation, "step": trainer.global_step, "label_dir": self.label_dir})
+        if trainer.is_global_zero:
+            self._log(trainer, result, generation)
+
+    def _log(self, trainer: pl.Trainer, result: GenerationResult, generation: int) -> None:
+        stats = result.statistics
+        share = stats.get("labelled_share")
+        precision = stats.get("precision")
+        reused = " (reused)" if result.reused else ""
+        rank_zero_info(
+            f"Pseudo labels, generation {generation}{reused}: {share:.1%} of pixels labelled"
+            + (f", {precision:.1%} agree with the ground truth" if precision is not None else "")
+        )
+        metrics = {"pseudo/generation": float(generation), "pseudo/labelled_share": share}
+        if precision is not None:
+            metrics["pseudo/precision"] = precision
+        for record in stats.get("classes", []):
+            metrics[f"pseudo/threshold/{record['class']}"] = record["threshold"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                columns = ["class", "threshold", "share", "precision", "recall"]
+                rows = [[r.get(c) for c in columns] for r in stats.get("classes", [])]
+                logger.log_table(key=f"pseudo/generation_{generation}", columns=columns, data=rows)
+
+
+def _autocast_dtype(trainer: pl.Trainer) -> torch.dtype | None:
+    precision = str(trainer.precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return None

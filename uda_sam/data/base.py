@@ -1,0 +1,136 @@
+"""Shared machinery of the dataset readers: eager layout checks, list files, and the sample pipeline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from uda_sam.data.transforms import Normalization, SegmentationTransform
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """The files behind one sample.
+
+    Attributes:
+        name: relative name without suffix (e.g. ``"00001"`` or ``"aachen/aachen_000000_000019"``).
+        image: image file.
+        label: label file, or ``None`` when the sample has no label (mask all 255).
+    """
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+def require_dir(path: Path, what: str, layout: str) -> Path:
+    """Return ``path`` if it is a directory, else raise FileNotFoundError naming it and the expected layout."""
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{what} {path} {state}; expected layout: {layout}")
+    return path
+
+
+def summarize(names: Sequence[str], limit: int = 5) -> str:
+    """``"a, b, c, ... (and N more)"`` for error messages."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_list_file(list_file: str | Path, strip_suffixes: Sequence[str]) -> list[str]:
+    """Read a split list (one relative file name per line, ADVENT/BDL style) into sample names.
+
+    Blank lines and lines starting with ``#`` are skipped; the first matching suffix of ``strip_suffixes`` is
+    removed from each entry (so ``"00001.png"`` and ``"00001"`` both give ``"00001"``).
+
+    Raises:
+        FileNotFoundError: if the list file does not exist.
+        ValueError: if it lists no names or the same name twice.
+    """
+    path = Path(list_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"list_file {path} does not exist; expected a text file with one image name per line")
+    names = []
+    for line in path.read_text().splitlines():
+        entry = line.strip().replace("\\", "/")
+        if not entry or entry.startswith("#"):
+            continue
+        for suffix in strip_suffixes:
+            if entry.endswith(suffix):
+                entry = entry[: -len(suffix)]
+                break
+        names.append(entry)
+    if not names:
+        raise ValueError(f"list_file {path} lists no images; expected one image name per line")
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"list_file {path} lists some names more than once: {summarize(duplicates)}")
+    return names
+
+
+def check_limit(limit: int | None) -> int | None:
+    """Validate a sample-count limit (``None`` or a positive int)."""
+    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    return limit
+
+
+class SegmentationDataset(Dataset):
+    """Base class: a list of :class:`SampleFiles` and a :class:`SegmentationTransform`.
+
+    Subclasses fill ``self.samples`` (validated, sorted) in their constructor and implement :meth:`load`, which
+    returns the raw RGB image and the uint8 trainId mask. ``__getitem__`` applies the transform and returns
+    ``{"image": float32 (3, H, W), "mask": int64 (H, W), "name": str}``.
+    """
+
+    samples: list[SampleFiles]
+
+    def __init__(
+        self,
+        size: Sequence[int] | None,
+        normalization: Normalization = "imagenet",
+        random_scale: Sequence[float] | None = None,
+        crop_size: Sequence[int] | None = None,
+        hflip: bool = False,
+        resize_mask: bool = True,
+    ) -> None:
+        self.transform = SegmentationTransform(
+            size=size,
+            normalization=normalization,
+            random_scale=random_scale,
+            crop_size=crop_size,
+            hflip=hflip,
+            resize_mask=resize_mask,
+        )
+        self.size = self.transform.size
+        self.normalization = normalization
+
+    @property
+    def names(self) -> list[str]:
+        """Sample names in index order."""
+        return [s.name for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw sample: RGB uint8 image (H, W, 3) and uint8 trainId mask with 255 ignore."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        image, mask = self.load(index)
+        if self.transform.resize_mask and mask.shape != image.shape[:2]:
+            # e.g. pseudo labels stored at the training size: bring them to the image grid (nearest) first.
+            mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+        image_t, mask_t = self.transform(image, mask)
+        return {"image": image_t, "mask": mask_t, "name": self.samples[index].name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, transform={self.transform!r})"

@@ -1,0 +1,152 @@
+"""Cityscapes reader (target domain): ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` and ``gtFine`` labelIds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from uda_sam.data.base import SampleFiles, SegmentationDataset, check_limit, read_list_file, require_dir, summarize
+from uda_sam.data.io import read_label_uint8, read_rgb
+from uda_sam.data.labels import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
+from uda_sam.data.transforms import Normalization
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+LAYOUT = (
+    "{root}/leftImg8bit/{split}/{city}/{city}_{seq:06}_{frame:06}_leftImg8bit.png and "
+    "{root}/gtFine/{split}/{city}/{city}_{seq:06}_{frame:06}_gtFine_labelIds.png"
+)
+PSEUDO_LAYOUT = "{pseudo_label_root}/{city}/{city}_{seq:06}_{frame:06}.png (single-channel uint8 trainIds, 255 ignore)"
+
+Split = Literal["train", "val", "test"]
+LabelMode = Literal["gt", "optional", "none"]
+LabelSize = Literal["resized", "full"]
+
+
+class Cityscapes(SegmentationDataset):
+    """Cityscapes images with trainId masks from ground truth, from pseudo-label files, or all 255.
+
+    Sample names are ``"{city}/{city}_{seq}_{frame}"`` (path relative to ``leftImg8bit/{split}`` without the
+    ``_leftImg8bit.png`` suffix); a pseudo label for name ``n`` is ``{pseudo_label_root}/{n}.png``.
+
+    Args:
+        root: Cityscapes root holding ``leftImg8bit/`` (and ``gtFine/`` when ground truth is read).
+        split: ``"train"``, ``"val"`` or ``"test"``. The public test labels are placeholders, so ``"test"``
+            masks are always all 255 and ``gtFine/`` is not needed for it.
+        size: ``(width, height)`` of the image (1024x512 is the usual), ``None`` = native 2048x1024.
+        labels: where masks come from when ``pseudo_label_root`` is ``None``: ``"gt"`` (``gtFine`` labelIds
+            mapped to trainIds; every image must have its label file), ``"optional"`` (ground truth where the
+            file exists, else all 255), ``"none"`` (all 255, e.g. unlabeled target training images).
+        label_size: ``"resized"`` resizes the mask with the image (nearest); ``"full"`` keeps the mask at its
+            native size (2048x1024) while the image is resized, for evaluation at full resolution.
+        pseudo_label_root: folder of pseudo labels; when given, masks come from there (overriding ``labels``)
+            and every image must have its file (checked here, eagerly).
+        list_file: optional text file with one name per line (``aachen/aachen_000000_000019_leftImg8bit.png``
+            as in the ADVENT/BDL lists, or without the suffix); default: all images of the split, sorted.
+        normalization: ``"imagenet"`` or ``"caffe"``.
+        random_scale: optional ``(min, max)`` random rescale factors.
+        crop_size: optional random crop ``(width, height)``.
+        hflip: random horizontal flip.
+        limit: keep only the first ``limit`` samples.
+
+    Raises:
+        FileNotFoundError: missing root/sub-folders, no images, images without their label or pseudo-label file.
+        ValueError: invalid arguments.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Split = "train",
+        size: Sequence[int] | None = (1024, 512),
+        labels: LabelMode = "gt",
+        label_size: LabelSize = "resized",
+        pseudo_label_root: str | Path | None = None,
+        list_file: str | Path | None = None,
+        normalization: Normalization = "imagenet",
+        random_scale: Sequence[float] | None = None,
+        crop_size: Sequence[int] | None = None,
+        hflip: bool = False,
+        limit: int | None = None,
+    ) -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if labels not in ("gt", "optional", "none"):
+            raise ValueError(f"labels must be 'gt', 'optional' or 'none', got {labels!r}")
+        if label_size not in ("resized", "full"):
+            raise ValueError(f"label_size must be 'resized' or 'full', got {label_size!r}")
+        super().__init__(size, normalization, random_scale, crop_size, hflip, resize_mask=label_size == "resized")
+        self.root = Path(root)
+        self.split = split
+        self.label_size = label_size
+        self.pseudo_label_root = Path(pseudo_label_root) if pseudo_label_root is not None else None
+        if split == "test":
+            labels = "none"
+        self.labels = labels
+
+        require_dir(self.root, "Cityscapes root", LAYOUT)
+        require_dir(self.root / "leftImg8bit", "Cityscapes image folder", LAYOUT)
+        image_dir = require_dir(self.root / "leftImg8bit" / split, f"Cityscapes {split} image folder", LAYOUT)
+        label_dir = self.root / "gtFine" / split
+        if labels == "gt" and self.pseudo_label_root is None:
+            require_dir(self.root / "gtFine", "Cityscapes label folder", LAYOUT)
+            require_dir(label_dir, f"Cityscapes {split} label folder", LAYOUT)
+
+        if list_file is not None:
+            names = read_list_file(list_file, (IMAGE_SUFFIX, ".png"))
+            absent = [n for n in names if not (image_dir / f"{n}{IMAGE_SUFFIX}").is_file()]
+            if absent:
+                raise FileNotFoundError(
+                    f"{len(absent)} of {len(names)} images named in list_file {list_file} are missing from "
+                    f"{image_dir}: {summarize(absent)}; expected layout: {LAYOUT}"
+                )
+        else:
+            names = sorted(
+                p.relative_to(image_dir).as_posix()[: -len(IMAGE_SUFFIX)] for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")
+            )
+        if not names:
+            raise FileNotFoundError(f"Cityscapes {split} image folder {image_dir} holds no images; expected layout: {LAYOUT}")
+        names = names[: check_limit(limit)]
+
+        if self.pseudo_label_root is not None:
+            pseudo_dir = require_dir(self.pseudo_label_root, "pseudo_label_root", PSEUDO_LAYOUT)
+            self.samples = [SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", pseudo_dir / f"{n}.png") for n in names]
+            self._check_labels_exist(f"pseudo-label file in {pseudo_dir}", PSEUDO_LAYOUT)
+        elif labels == "none":
+            self.samples = [SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", None) for n in names]
+        else:
+            self.samples = [
+                SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", label_dir / f"{n}{LABEL_SUFFIX}") for n in names
+            ]
+            if labels == "gt":
+                self._check_labels_exist(f"label file in {label_dir}", LAYOUT)
+            else:
+                self.samples = [s if s.label.is_file() else SampleFiles(s.name, s.image, None) for s in self.samples]
+
+    def _check_labels_exist(self, what: str, layout: str) -> None:
+        missing = [s.name for s in self.samples if s.label is None or not s.label.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(self.samples)} Cityscapes {self.split} images have no {what}: "
+                f"{summarize(missing)}; expected layout: {layout}"
+            )
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read one image (RGB) and its trainId mask (all 255 when the sample has no label)."""
+        sample = self.samples[index]
+        image = read_rgb(sample.image)
+        if sample.label is None:
+            return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        label = read_label_uint8(sample.label)
+        if self.pseudo_label_root is None:
+            return image, LABEL_ID_TO_TRAIN_ID[label]
+        invalid = (label >= NUM_CLASSES) & (label != IGNORE_INDEX)
+        if invalid.any():
+            raise ValueError(
+                f"pseudo label {sample.label} holds value {int(label[invalid][0])}; expected trainIds "
+                f"0..{NUM_CLASSES - 1} or {IGNORE_INDEX}"
+            )
+        return image, label

@@ -1,0 +1,281 @@
+"""The LightningDataModule pairing a labelled source domain (GTA5 or SYNTHIA) with Cityscapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from uda_sam.data.cityscapes import Cityscapes
+from uda_sam.data.gta5 import GTA5
+from uda_sam.data.synthia import Synthia
+from uda_sam.data.transforms import check_scale, check_size
+
+
+class UDADataModule(LightningDataModule):
+    """Source images with labels + Cityscapes train images (unlabelled or pseudo-labelled); Cityscapes val for eval.
+
+    Training batches are ``{"source": {"image", "mask", "name"}, "target": {"image", "mask", "name"}}`` from a
+    ``CombinedLoader`` in ``"max_size_cycle"`` mode: one epoch is as long as the longer domain and the shorter
+    one cycles, both reshuffled each epoch, ``batch_size`` images per domain. Training is iteration-based: set
+    ``trainer.max_steps`` (epochs simply continue). Under DDP, Lightning replaces each domain's sampler with a
+    ``DistributedSampler`` (``use_distributed_sampler=True``, the default), so every rank sees its own shard.
+
+    Target training masks are the pseudo labels of ``pseudo_label_root`` when set, else all 255. Validation and
+    test run on Cityscapes val (image at ``target_size``; mask at full resolution when ``val_label_size="full"``).
+    The toy domain pair (:func:`uda_sam.data.toy.make_toy_data`) is read with ``source="gta5"``.
+
+    Args:
+        source: source dataset format, ``"gta5"`` or ``"synthia"``.
+        source_root: source dataset root (``images/``+``labels/`` for GTA5, ``RGB/``+``GT/LABELS/`` for SYNTHIA).
+        source_image_root: GTA5 only: folder of style-translated images replacing ``source_root/images``.
+        target_root: Cityscapes root (``leftImg8bit/`` and ``gtFine/``).
+        source_size: ``(width, height)`` the source images are resized to (1280x720 for GTA5, 1280x760 for
+            SYNTHIA), ``None`` = native size.
+        target_size: ``(width, height)`` the Cityscapes images are resized to, ``None`` = native size.
+        val_label_size: ``"full"`` evaluates against the native-size labels, ``"resized"`` at ``target_size``.
+        pseudo_label_root: folder of target pseudo labels ``{root}/{city}/{city}_{seq}_{frame}.png`` (uint8
+            trainIds, 255 ignore); ``None`` = target masks all 255. See :meth:`set_pseudo_label_root`.
+        batch_size: training images per domain per step (per process under DDP).
+        val_batch_size: images per validation/test/predict batch.
+        num_workers: data-loader worker processes per loader (0 = load in the main process).
+        normalization: ``"imagenet"`` (RGB, mean/std) or ``"caffe"`` (BGR, 0-255, mean only).
+        random_scale: optional ``(min, max)`` random rescale of training images (both domains).
+        crop_size: optional random crop ``(width, height)`` of training images (both domains).
+        hflip: random horizontal flip of training images (both domains).
+        pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
+        val_limit: evaluate on the first ``val_limit`` validation images only (``None`` = all 500).
+        source_list_file: optional list of source image names (one per line) instead of every file.
+        target_list_file: optional list of Cityscapes train image names instead of every file.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: Literal["gta5", "synthia"] = "gta5",
+        source_root: str,
+        source_image_root: str | None = None,
+        target_root: str,
+        source_size: tuple[int, int] | None = (1280, 720),
+        target_size: tuple[int, int] | None = (1024, 512),
+        val_label_size: Literal["full", "resized"] = "full",
+        pseudo_label_root: str | None = None,
+        batch_size: int = 1,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        normalization: Literal["imagenet", "caffe"] = "imagenet",
+        random_scale: tuple[float, float] | None = None,
+        crop_size: tuple[int, int] | None = None,
+        hflip: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_limit: int | None = None,
+        source_list_file: str | None = None,
+        target_list_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in ("gta5", "synthia"):
+            raise ValueError(f"source must be 'gta5' or 'synthia', got {source!r}")
+        if source_image_root is not None and source != "gta5":
+            raise ValueError("source_image_root (translated images) is only supported with source='gta5'")
+        if val_label_size not in ("full", "resized"):
+            raise ValueError(f"val_label_size must be 'full' or 'resized', got {val_label_size!r}")
+        if normalization not in ("imagenet", "caffe"):
+            raise ValueError(f"normalization must be 'imagenet' or 'caffe', got {normalization!r}")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if val_limit is not None and (not isinstance(val_limit, int) or val_limit < 1):
+            raise ValueError(f"val_limit must be a positive integer or None, got {val_limit!r}")
+        self.save_hyperparameters()
+
+        self.source = source
+        self.source_root = source_root
+        self.source_image_root = source_image_root
+        self.target_root = target_root
+        self.source_size = check_size(source_size, "source_size")
+        self.target_size = check_size(target_size, "target_size")
+        self.crop_size = check_size(crop_size, "crop_size")
+        self.random_scale = check_scale(random_scale)
+        self.val_label_size = val_label_size
+        self.pseudo_label_root = pseudo_label_root
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.normalization = normalization
+        self.hflip = hflip
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.val_limit = val_limit
+        self.source_list_file = source_list_file
+        self.target_list_file = target_list_file
+
+        self.source_train: Dataset | None = None
+        self.target_train: Cityscapes | None = None
+        self.val_dataset: Cityscapes | None = None
+        self.predict_dataset: Cityscapes | None = None
+
+    # ----------------------------------------------------------------------------------------------- datasets
+    def _augment(self) -> dict[str, Any]:
+        return {
+            "normalization": self.normalization,
+            "random_scale": self.random_scale,
+            "crop_size": self.crop_size,
+            "hflip": self.hflip,
+        }
+
+    def _make_source(self) -> Dataset:
+        if self.source == "gta5":
+            return GTA5(
+                self.source_root,
+                image_root=self.source_image_root,
+                size=self.source_size,
+                list_file=self.source_list_file,
+                **self._augment(),
+            )
+        return Synthia(self.source_root, size=self.source_size, list_file=self.source_list_file, **self._augment())
+
+    def _make_target_train(self) -> Cityscapes:
+        return Cityscapes(
+            self.target_root,
+            split="train",
+            size=self.target_size,
+            labels="none",
+            pseudo_label_root=self.pseudo_label_root,
+            list_file=self.target_list_file,
+            **self._augment(),
+        )
+
+    def _make_val(self, limit: int | None) -> Cityscapes:
+        return Cityscapes(
+            self.target_root,
+            split="val",
+            size=self.target_size,
+            labels="gt",
+            label_size=self.val_label_size,
+            normalization=self.normalization,
+            limit=limit,
+        )
+
+    def target_inference_dataset(self) -> Cityscapes:
+        """Target **train** images without augmentation, for pseudo-label inference.
+
+        Image at ``target_size``; mask = ground truth (labelIds -> trainIds) where the ``gtFine`` file exists,
+        else all 255; name = ``"{city}/{city}_{seq}_{frame}"``.
+        """
+        return Cityscapes(
+            self.target_root,
+            split="train",
+            size=self.target_size,
+            labels="optional",
+            list_file=self.target_list_file,
+            normalization=self.normalization,
+        )
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def _check_enough(self, dataset: Dataset, what: str) -> None:
+        # Training loaders drop incomplete batches: a domain smaller than one global batch would yield nothing.
+        needed = self.batch_size * self._world_size()
+        if len(dataset) < needed:  # type: ignore[arg-type]
+            raise ValueError(
+                f"the {what} training set has {len(dataset)} images, fewer than batch_size x processes = {needed}"  # type: ignore[arg-type]
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and validate, with errors naming the missing paths) the datasets the stage needs."""
+        if stage in (None, "fit"):
+            self.source_train = self._make_source()
+            self._check_enough(self.source_train, f"source ({self.source})")
+            self.target_train = self._make_target_train()
+            self._check_enough(self.target_train, "target (Cityscapes train)")
+        if stage in (None, "fit", "validate", "test"):
+            self.val_dataset = self._make_val(self.val_limit)
+        if stage in (None, "predict"):
+            self.predict_dataset = Cityscapes(
+                self.target_root,
+                split="val",
+                size=self.target_size,
+                labels="optional",
+                label_size=self.val_label_size,
+                normalization=self.normalization,
+            )
+
+    # -------------------------------------------------------------------------------------------- loaders
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def _require(self, dataset: Dataset | None, stage: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"UDADataModule.setup({stage!r}) must run before asking for its dataloader")
+        return dataset
+
+    def train_dataloader(self) -> CombinedLoader:
+        """``CombinedLoader({"source": ..., "target": ...}, "max_size_cycle")``, shuffled, incomplete batches dropped."""
+        source = self._require(self.source_train, "fit")
+        target = self._require(self.target_train, "fit")
+        loaders = {
+            "source": self._loader(source, self.batch_size, train=True),
+            "target": self._loader(target, self.batch_size, train=True),
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader:
+        """Cityscapes val with ground truth."""
+        return self._loader(self._require(self.val_dataset, "validate"), self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Cityscapes val with ground truth (the test split has no public labels)."""
+        return self._loader(self._require(self.val_dataset, "test"), self.val_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Cityscapes val images (masks from ground truth where present)."""
+        return self._loader(self._require(self.predict_dataset, "predict"), self.val_batch_size, train=False)
+
+    # ----------------------------------------------------------------------------------- pseudo labels
+    def set_pseudo_label_root(self, path: str | Path | None) -> None:
+        """Switch the target training masks to another pseudo-label folder (``None``: back to all 255).
+
+        If the training datasets exist already, the target set is rebuilt (and validated: every target image
+        needs its file) at once; the next :meth:`train_dataloader` call uses it. Under DDP call it on every rank
+        after the labels are completely written (e.g. after a barrier).
+
+        Raises:
+            FileNotFoundError: the folder does not exist or lacks files for some target images.
+        """
+        value = str(path) if path is not None else None
+        previous = self.pseudo_label_root
+        self.pseudo_label_root = value
+        if self.target_train is not None:
+            try:
+                self.target_train = self._make_target_train()
+            except Exception:
+                self.pseudo_label_root = previous
+                raise
+        self.hparams["pseudo_label_root"] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current pseudo-label folder, so that resuming mid-generation reads the same masks."""
+        return {"pseudo_label_root": self.pseudo_label_root}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the pseudo-label folder saved by :meth:`state_dict`."""
+        if "pseudo_label_root" in state_dict:
+            self.set_pseudo_label_root(state_dict["pseudo_label_root"])

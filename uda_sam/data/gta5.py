@@ -1,0 +1,120 @@
+"""GTA5 reader (source domain): ``{root}/images/NNNNN.png`` and palette-index ``{root}/labels/NNNNN.png``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from uda_sam.data.base import SampleFiles, SegmentationDataset, check_limit, read_list_file, require_dir, summarize
+from uda_sam.data.io import read_palette_indices, read_rgb
+from uda_sam.data.labels import LABEL_ID_TO_TRAIN_ID
+from uda_sam.data.transforms import Normalization
+
+LAYOUT = (
+    "{root}/images/NNNNN.png (RGB) and {root}/labels/NNNNN.png (palette PNGs whose indices are Cityscapes labelIds)"
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# Files already reported in this process (each worker warns at most once per file).
+_warned_mismatch: set[str] = set()
+
+
+class GTA5(SegmentationDataset):
+    """GTA5 images with Cityscapes trainId masks.
+
+    Labels are palette PNGs whose *indices* are Cityscapes labelIds; they are mapped to trainIds (other ids -> 255).
+
+    Some GTA5 images differ in size from their label files. Such an image is resized (bilinear) to its label's size,
+    so pixels never silently misalign, and a warning names the file once per process. With ``image_root``
+    (style-translated images, e.g. BDL's CycleGAN "GTA5 as Cityscapes" set, about 1024 px wide) the labels are
+    instead resized (nearest) to each image's size, silently since the size difference is by design.
+
+    Args:
+        root: GTA5 root holding ``images/`` and ``labels/``.
+        image_root: folder of translated images with the same file names (``.png`` or ``.jpg``); labels still
+            come from ``root/labels``. ``None`` reads ``root/images``.
+        size: ``(width, height)`` the image and mask are resized to (1280x720 is the usual), ``None`` = native.
+        list_file: optional text file with one image name per line (``00001.png``); default: all images, sorted.
+        normalization: ``"imagenet"`` or ``"caffe"``, see :class:`~uda_sam.data.transforms.SegmentationTransform`.
+        random_scale: optional ``(min, max)`` random rescale factors (after the resize).
+        crop_size: optional random crop ``(width, height)``.
+        hflip: random horizontal flip.
+        limit: keep only the first ``limit`` samples (after sorting).
+
+    Raises:
+        FileNotFoundError: missing root/sub-folder/list entries, no images, or images without a label file.
+        ValueError: invalid arguments. (Reading a corrupt file later raises ValueError naming it.)
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_root: str | Path | None = None,
+        size: Sequence[int] | None = (1280, 720),
+        list_file: str | Path | None = None,
+        normalization: Normalization = "imagenet",
+        random_scale: Sequence[float] | None = None,
+        crop_size: Sequence[int] | None = None,
+        hflip: bool = False,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(size, normalization, random_scale, crop_size, hflip)
+        self.root = Path(root)
+        self.translated = image_root is not None
+        require_dir(self.root, "GTA5 root", LAYOUT)
+        label_dir = require_dir(self.root / "labels", "GTA5 label folder", LAYOUT)
+        if image_root is None:
+            image_dir = require_dir(self.root / "images", "GTA5 image folder", LAYOUT)
+        else:
+            image_dir = require_dir(
+                Path(image_root), "GTA5 image_root", "a folder of translated images named like root/images (NNNNN.png)"
+            )
+        self.image_dir, self.label_dir = image_dir, label_dir
+
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+        if list_file is not None:
+            names = read_list_file(list_file, IMAGE_SUFFIXES)
+            absent = [n for n in names if n not in images]
+            if absent:
+                raise FileNotFoundError(
+                    f"{len(absent)} of {len(names)} images named in list_file {list_file} are missing from "
+                    f"{image_dir}: {summarize(absent)}"
+                )
+        else:
+            names = sorted(images)
+        if not names:
+            raise FileNotFoundError(f"GTA5 image folder {image_dir} holds no images; expected layout: {LAYOUT}")
+        names = names[: check_limit(limit)]
+
+        self.samples = [SampleFiles(n, images[n], label_dir / f"{n}.png") for n in names]
+        unlabeled = [s.name for s in self.samples if not s.label.is_file()]
+        if unlabeled:
+            raise FileNotFoundError(
+                f"{len(unlabeled)} of {len(names)} GTA5 images have no label file in {label_dir}: "
+                f"{summarize(unlabeled)}; expected layout: {LAYOUT}"
+            )
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read one image (RGB) and its trainId mask, aligned to a common size."""
+        sample = self.samples[index]
+        assert sample.label is not None
+        image = read_rgb(sample.image)
+        label = read_palette_indices(sample.label)
+        if image.shape[:2] != label.shape:
+            height, width = image.shape[:2]
+            if self.translated:
+                label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+            else:
+                if str(sample.image) not in _warned_mismatch:
+                    _warned_mismatch.add(str(sample.image))
+                    warnings.warn(
+                        f"GTA5 image {sample.image} is {width}x{height} but its label {sample.label} is "
+                        f"{label.shape[1]}x{label.shape[0]}; resizing the image to the label size",
+                        stacklevel=2,
+                    )
+                image = cv2.resize(image, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return image, LABEL_ID_TO_TRAIN_ID[label]

@@ -1,0 +1,204 @@
+"""Joint image/mask transforms (albumentations) and conversion to the sample tensors.
+
+Images are resized bilinearly, masks always with nearest neighbour. The optional augmentation is the usual UDA one:
+random rescale, random crop (padding the mask with 255) and horizontal flip. Normalisation is either torchvision's
+ImageNet convention (RGB, [0, 1] scale, mean/std) or the Caffe convention of DeepLab/BDL/ADVENT weights
+(BGR order, 0-255 scale, mean subtracted, no std).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from uda_sam.data.labels import IGNORE_INDEX
+
+Normalization = Literal["imagenet", "caffe"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Caffe mean in **BGR** order on the 0-255 scale (the value used by DeepLab/BDL/ADVENT).
+CAFFE_MEAN_BGR: tuple[float, float, float] = (104.00698793, 116.66876762, 122.67891434)
+
+
+def check_size(size: Sequence[int] | None, name: str) -> tuple[int, int] | None:
+    """Validate a ``(width, height)`` pair of positive ints (or ``None``) and return it as a tuple.
+
+    Raises:
+        ValueError: naming ``name`` when the value is not two positive integers.
+    """
+    if size is None:
+        return None
+    try:
+        width, height = (int(v) for v in size)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be (width, height) or None, got {size!r}") from err
+    if width <= 0 or height <= 0 or (width, height) != tuple(size):
+        raise ValueError(f"{name} must be two positive integers (width, height), got {size!r}")
+    return width, height
+
+
+def check_scale(random_scale: Sequence[float] | None) -> tuple[float, float] | None:
+    """Validate a `(min, max)` random-scale range (or `None`)."""
+    if random_scale is None:
+        return None
+    try:
+        low, high = (float(v) for v in random_scale)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"random_scale must be (min, max) factors or None, got {random_scale!r}") from err
+    if not 0 < low <= high:
+        raise ValueError(f"random_scale must satisfy 0 < min <= max, got {random_scale!r}")
+    return low, high
+
+
+class SegmentationTransform:
+    """Callable ``(image RGB uint8 (H,W,3), mask uint8 (H,W)) -> (image float32 (3,h,w), mask int64 (h',w'))``.
+
+    Args:
+        size: ``(width, height)`` to resize to first, or ``None`` to keep the native size.
+        normalization: ``"imagenet"`` (RGB, mean/std) or ``"caffe"`` (BGR, 0-255, Caffe mean, no std).
+        random_scale: ``(min, max)`` factor range for a random rescale after the resize, or ``None``.
+        crop_size: ``(width, height)`` of a random crop (the image is padded with 0 and the mask with 255
+            when smaller), or ``None``.
+        hflip: random horizontal flip with probability 0.5.
+        resize_mask: when ``False`` only the image is resized and the mask keeps its native size (evaluation
+            at full label resolution); incompatible with any augmentation.
+
+    Augmentation randomness comes from albumentations' own generator, reseeded once per process from
+    ``torch.initial_seed()``: data-loader workers then draw different (and, under ``seed_everything``,
+    reproducible) augmentations instead of copies of the parent's generator state.
+    """
+
+    def __init__(
+        self,
+        size: Sequence[int] | None = None,
+        normalization: Normalization = "imagenet",
+        random_scale: Sequence[float] | None = None,
+        crop_size: Sequence[int] | None = None,
+        hflip: bool = False,
+        resize_mask: bool = True,
+    ) -> None:
+        self.size = check_size(size, "size")
+        self.crop_size = check_size(crop_size, "crop_size")
+        self.random_scale = check_scale(random_scale)
+        if normalization not in ("imagenet", "caffe"):
+            raise ValueError(f"normalization must be 'imagenet' or 'caffe', got {normalization!r}")
+        self.normalization = normalization
+        self.hflip = bool(hflip)
+        self.resize_mask = bool(resize_mask)
+        self.augments = self.random_scale is not None or self.crop_size is not None or self.hflip
+        if not self.resize_mask and self.augments:
+            raise ValueError(
+                "a mask kept at its native size (label_size='full') cannot be combined with random_scale, "
+                "crop_size or hflip"
+            )
+
+        geometric: list[A.BasicTransform] = []
+        if self.size is not None:
+            width, height = self.size
+            geometric.append(
+                A.Resize(height, width, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
+            )
+        if self.random_scale is not None:
+            low, high = self.random_scale
+            geometric.append(
+                A.RandomScale(
+                    scale_limit=(low - 1.0, high - 1.0),
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    p=1.0,
+                )
+            )
+        if self.crop_size is not None:
+            width, height = self.crop_size
+            geometric.append(
+                A.PadIfNeeded(
+                    min_height=height,
+                    min_width=width,
+                    position="top_left",
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    fill_mask=IGNORE_INDEX,
+                )
+            )
+            geometric.append(A.RandomCrop(height, width))
+        if self.hflip:
+            geometric.append(A.HorizontalFlip(p=0.5))
+
+        if normalization == "imagenet":
+            normalize = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0)
+        else:
+            # (x - mean_255) / 1, computed in RGB order; channels are flipped to BGR after the transform.
+            mean_rgb = tuple(m / 255.0 for m in CAFFE_MEAN_BGR[::-1])
+            normalize = A.Normalize(mean=mean_rgb, std=(1 / 255.0,) * 3, max_pixel_value=255.0)
+
+        if self.resize_mask:
+            self._joint = A.Compose([*geometric, normalize])
+        else:
+            self._joint = A.Compose([normalize])
+            self._image_only = A.Compose(geometric)  # only a resize: no randomness here
+        self._seeded_for: tuple[int, int] | None = None
+
+    def _reseed(self) -> None:
+        key = (os.getpid(), torch.initial_seed())
+        if key != self._seeded_for:
+            self._joint.set_random_seed(torch.initial_seed() % 2**32)
+            self._seeded_for = key
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform one image/mask pair (the mask must have the image's height and width).
+
+        Args:
+            image: uint8 RGB array (H, W, 3).
+            mask: uint8 trainId array (H, W).
+
+        Returns:
+            ``(image, mask)``: float32 tensor (3, h, w) and int64 tensor (h, w) (native (H, W) when
+            ``resize_mask`` is ``False``).
+        """
+        if self.augments:
+            self._reseed()
+        if self.resize_mask:
+            out = self._joint(image=image, mask=mask)
+            image_out, mask_out = out["image"], out["mask"]
+        else:
+            resized = self._image_only(image=image)["image"]
+            image_out, mask_out = self._joint(image=resized)["image"], mask
+        if self.normalization == "caffe":
+            image_out = image_out[:, :, ::-1]
+        image_t = torch.from_numpy(np.ascontiguousarray(image_out.transpose(2, 0, 1), dtype=np.float32))
+        mask_t = torch.from_numpy(np.ascontiguousarray(mask_out, dtype=np.int64))
+        return image_t, mask_t
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, normalization={self.normalization!r}, "
+            f"random_scale={self.random_scale}, crop_size={self.crop_size}, hflip={self.hflip}, "
+            f"resize_mask={self.resize_mask})"
+        )
+
+
+def denormalize(image: torch.Tensor, normalization: Normalization = "imagenet") -> np.ndarray:
+    """Invert the normalisation of one image tensor for display.
+
+    Args:
+        image: float tensor (3, H, W) as produced by :class:`SegmentationTransform`.
+        normalization: the convention it was normalised with.
+
+    Returns:
+        uint8 RGB array (H, W, 3).
+    """
+    array = image.detach().cpu().float().numpy().transpose(1, 2, 0)
+    if normalization == "imagenet":
+        array = (array * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)) * 255.0
+    elif normalization == "caffe":
+        array = (array + np.asarray(CAFFE_MEAN_BGR))[:, :, ::-1]
+    else:
+        raise ValueError(f"normalization must be 'imagenet' or 'caffe', got {normalization!r}")
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)

@@ -1,0 +1,342 @@
+"""One generation of pseudo labels: inference over the target set, class-wise thresholds, an atomic label folder.
+
+Plain torch (no Lightning), shared by the :class:`~uda_sam.callbacks.PseudoLabelRegeneration` callback and the
+``uda-sam pseudo-label`` command. Distributed runs pass a :class:`ProcessGroup` so that every image is processed by
+exactly one rank, the threshold histograms and statistics are summed across ranks, and the folder is finalised once.
+
+The work is two passes, but the network runs only once:
+
+1. inference: each rank runs the network over its shard of the target images (``indices[rank::world_size]``), feeds
+   the class-wise histogram and caches, per image, the argmax class and the *bin index* of its confidence on disk
+   (4 bytes a pixel with the ground truth; deleted at the end). Host memory stays constant in the number of images.
+2. labelling: once the summed histograms give the thresholds, each rank turns its cached maps into label PNGs.
+
+A pixel keeps its class when its confidence bin is at or above the bin of ``tau[class]``; since ``tau`` is a bin edge
+(see :class:`~uda_sam.pseudo_labels.ClasswiseThresholdEstimator`), this is exactly ``conf >= tau``.
+
+Output, ``{output_dir}/{folder}/``: one uint8 trainId PNG per image at ``{name}.png`` (``255`` = no label),
+``thresholds.json`` (thresholds and the run's signature) and ``statistics.json`` (per-class share of pixels labelled
+and agreement with the ground truth where it exists, a diagnostic that training never reads). Everything is written
+to a hidden temporary folder that is renamed into place when complete, so a folder is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from uda_sam.data.labels import CLASS_NAMES, IGNORE_INDEX
+from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, PseudoLabelStatistics, save_label_png
+
+__all__ = ["GenerationResult", "ProcessGroup", "generate_pseudo_labels", "read_finished_generation"]
+
+THRESHOLDS_FILE = "thresholds.json"
+STATISTICS_FILE = "statistics.json"
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _no_barrier() -> None:
+    return None
+
+
+@dataclass
+class ProcessGroup:
+    """The few collective operations a generation needs; the defaults describe a single process.
+
+    Args:
+        rank: This process's index.
+        world_size: Number of processes.
+        reduce_sum: Returns the element-wise sum of a tensor over all processes (every rank calls it).
+        barrier: Blocks until every process reaches it.
+        device: Device on which tensors must be for ``reduce_sum`` (the GPU under NCCL).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    reduce_sum: Callable[[Tensor], Tensor] = _identity
+    barrier: Callable[[], None] = _no_barrier
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_torch_distributed(cls, device: torch.device | None = None) -> ProcessGroup:
+        """The default ``torch.distributed`` group when it is initialised, else a single process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return cls(device=device or torch.device("cpu"))
+
+        def reduce_sum(tensor: Tensor) -> Tensor:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            return tensor
+
+        return cls(
+            rank=torch.distributed.get_rank(),
+            world_size=torch.distributed.get_world_size(),
+            reduce_sum=reduce_sum,
+            barrier=torch.distributed.barrier,
+            device=device or torch.device("cpu"),
+        )
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation folder and what it holds."""
+
+    label_dir: Path
+    thresholds: list[float]
+    statistics: dict[str, Any]
+    reused: bool = False
+
+
+def read_finished_generation(label_dir: str | os.PathLike[str]) -> GenerationResult | None:
+    """The generation stored in ``label_dir``, or ``None`` when the folder is absent or unfinished."""
+    label_dir = Path(label_dir)
+    thresholds_file = label_dir / THRESHOLDS_FILE
+    if not thresholds_file.is_file():
+        return None
+    record = json.loads(thresholds_file.read_text())
+    statistics_file = label_dir / STATISTICS_FILE
+    statistics = json.loads(statistics_file.read_text()) if statistics_file.is_file() else {}
+    return GenerationResult(label_dir, list(record["thresholds"].values()), statistics, reused=True)
+
+
+def _check_reusable(label_dir: Path, signature: dict[str, Any], reuse: bool) -> GenerationResult | None:
+    finished = read_finished_generation(label_dir)
+    if finished is None:
+        if label_dir.exists() and any(label_dir.iterdir()):
+            raise FileExistsError(
+                f"{label_dir} exists but holds no {THRESHOLDS_FILE}: it is not a finished pseudo-label generation. "
+                "Remove it or choose another output folder."
+            )
+        return None
+    recorded = json.loads((label_dir / THRESHOLDS_FILE).read_text()).get("signature", {})
+    if not reuse:
+        raise FileExistsError(f"{label_dir} already holds a finished pseudo-label generation; refusing to overwrite it.")
+    if recorded != signature:
+        differing = sorted(k for k in set(recorded) | set(signature) if recorded.get(k) != signature.get(k))
+        raise FileExistsError(
+            f"{label_dir} holds a pseudo-label generation made by another run (differs in {differing}: "
+            f"found {[recorded.get(k) for k in differing]}, this run {[signature.get(k) for k in differing]}). "
+            "Remove the folder or choose another output folder."
+        )
+    return finished
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([torch.as_tensor(s["mask"]) for s in samples]),
+        "name": [s["name"] for s in samples],
+    }
+
+
+@torch.no_grad()
+def generate_pseudo_labels(
+    network: nn.Module,
+    dataset: Dataset,
+    label_dir: str | os.PathLike[str],
+    *,
+    signature: dict[str, Any] | None = None,
+    num_classes: int = 19,
+    cap: float = 0.9,
+    num_bins: int = 1000,
+    batch_size: int = 4,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    group: ProcessGroup | None = None,
+    reuse_existing: bool = True,
+    progress: bool = True,
+) -> GenerationResult:
+    """Make one generation of pseudo labels for every image of ``dataset`` into ``label_dir``.
+
+    Args:
+        network: A segmentation network with ``forward(x) -> pre-upsample logits`` and
+            ``upsample_logits(logits, size)`` (the ``uda_sam.nn`` networks); used in eval mode, restored after.
+        dataset: Target training images without augmentation; samples ``{"image", "mask", "name"}``. Labels are
+            written at the size of ``mask`` (all-255 masks are fine: they only disable the agreement statistics).
+        label_dir: The generation's folder; created atomically.
+        signature: JSON-serialisable description of the run (teacher, generation, ...); a finished folder is reused
+            only when its recorded signature is equal.
+        num_classes: Classes predicted by ``network``.
+        cap: Upper bound of the thresholds (0.9 in the paper).
+        num_bins: Histogram bins (bin width ``1 / num_bins``).
+        batch_size: Images per inference batch.
+        num_workers: Data-loading worker processes.
+        device: Where the network runs.
+        autocast_dtype: ``torch.bfloat16`` (or ``float16``) for mixed-precision inference; softmax runs in fp32.
+        group: The processes sharing the work; ``None`` means a single process.
+        reuse_existing: Reuse a finished folder whose signature matches (else refuse to touch it).
+        progress: Show a progress bar on rank 0.
+
+    Returns:
+        The finished generation.
+
+    Raises:
+        ValueError: If the dataset is empty or the network predicts another number of classes.
+        FileExistsError: If ``label_dir`` holds something that is not this run's finished generation.
+    """
+    group = group or ProcessGroup()
+    device = torch.device(device)
+    label_dir = Path(label_dir)
+    signature = dict(signature or {})
+    signature.update(num_images=len(dataset), cap=cap, num_bins=num_bins)
+    if len(dataset) == 0:
+        raise ValueError("the target dataset for pseudo labels holds no images")
+    if not math.isclose(cap * num_bins, round(cap * num_bins)):
+        raise ValueError(f"cap * num_bins must be an integer so that the cap is a bin edge, got {cap} * {num_bins}")
+
+    finished = _check_reusable(label_dir, signature, reuse_existing)
+    group.barrier()
+    if finished is not None:
+        return finished
+
+    tmp_dir = label_dir.parent / f".{label_dir.name}.tmp"
+    cache_dir = tmp_dir / ".cache"
+    if group.rank == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted attempt
+        cache_dir.mkdir(parents=True)
+    group.barrier()
+
+    was_training = network.training
+    network.eval()
+    try:
+        estimator, cached = _infer_and_cache(
+            network, dataset, cache_dir, num_classes, num_bins, cap, batch_size, num_workers, device,
+            autocast_dtype, group, progress,
+        )
+    finally:
+        network.train(was_training)
+
+    estimator.histogram = group.reduce_sum(estimator.histogram.to(group.device)).cpu()
+    thresholds = estimator.compute()
+    statistics = _write_labels(cached, thresholds, num_classes, num_bins, tmp_dir, group)
+    group.barrier()
+
+    record = {
+        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist())},
+        "signature": signature,
+    }
+    if group.rank == 0:
+        shutil.rmtree(cache_dir)
+        (tmp_dir / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2))
+        # thresholds.json is the completion marker: written last, inside the folder that is then renamed.
+        (tmp_dir / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2))
+        label_dir.parent.mkdir(parents=True, exist_ok=True)
+        if label_dir.exists():  # an empty folder left by the user
+            label_dir.rmdir()
+        os.replace(tmp_dir, label_dir)
+    group.barrier()
+    return GenerationResult(label_dir, thresholds.tolist(), statistics)
+
+
+def _infer_and_cache(
+    network: nn.Module,
+    dataset: Dataset,
+    cache_dir: Path,
+    num_classes: int,
+    num_bins: int,
+    cap: float,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    group: ProcessGroup,
+    progress: bool,
+) -> tuple[ClasswiseThresholdEstimator, list[tuple[Path, str]]]:
+    """Pass 1: inference over this rank's shard; returns the local histogram and the cached (file, name) pairs."""
+    # Shard by index, not with DistributedSampler: it pads with repeated images, which would be counted twice.
+    shard = Subset(dataset, range(group.rank, len(dataset), group.world_size))
+    loader = DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
+    cached: list[tuple[Path, str]] = []
+    bar = _progress_bar(len(loader), enabled=progress and group.rank == 0, world_size=group.world_size)
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"]
+        with _autocast(device, autocast_dtype):
+            logits = network(images)
+            if isinstance(logits, tuple):
+                logits = logits[0]
+            if logits.shape[1] != num_classes:
+                raise ValueError(f"the network predicts {logits.shape[1]} classes, expected {num_classes}")
+            logits = network.upsample_logits(logits, tuple(masks.shape[-2:]))
+        probs = torch.softmax(logits.float(), dim=1)
+        confidence, predicted = probs.max(dim=1)
+        estimator.update_from_predictions(confidence, predicted)
+        bins = (confidence * num_bins).long().clamp_(0, num_bins - 1)
+        stacked = torch.stack([predicted, bins], dim=1).to(torch.int32).cpu().numpy()
+        for i, name in enumerate(batch["name"]):
+            path = cache_dir / f"r{group.rank}_{len(cached):08d}.npz"
+            np.savez(
+                path,
+                predicted=stacked[i, 0].astype(np.uint8),
+                bins=stacked[i, 1].astype(np.uint16),
+                gt=masks[i].numpy().astype(np.uint8),
+            )
+            cached.append((path, name))
+        bar.update(1)
+    bar.close()
+    return estimator, cached
+
+
+def _write_labels(
+    cached: list[tuple[Path, str]],
+    thresholds: Tensor,
+    num_classes: int,
+    num_bins: int,
+    tmp_dir: Path,
+    group: ProcessGroup,
+) -> dict[str, Any]:
+    """Pass 2: cached predictions -> label PNGs; returns the statistics summed over all ranks."""
+    threshold_bins = torch.round(thresholds.double() * num_bins).long().numpy()
+    stats = PseudoLabelStatistics(num_classes)
+    for path, name in cached:
+        with np.load(path) as arrays:
+            predicted, bins, gt = arrays["predicted"], arrays["bins"], arrays["gt"]
+        labels = np.where(bins >= threshold_bins[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
+        save_label_png(labels, tmp_dir / f"{name}.png")
+        gt_tensor = torch.from_numpy(gt.astype(np.int64))
+        has_gt = bool((gt_tensor != IGNORE_INDEX).any())
+        stats.update(torch.from_numpy(labels.astype(np.int64)), gt_tensor if has_gt else None)
+        path.unlink()
+    stats.counts = group.reduce_sum(stats.counts.to(group.device)).cpu()
+    stats.total_pixels = group.reduce_sum(stats.total_pixels.to(group.device)).cpu()
+    per_class = stats.as_records(thresholds, CLASS_NAMES[:num_classes])
+    summary = stats.compute()
+    evaluated = int(summary["evaluated"].sum())
+    return {
+        "labelled_share": float(summary["labelled_share"]),
+        "precision": float(summary["correct"].sum()) / evaluated if evaluated else None,
+        "classes": per_class,
+    }
+
+
+def _progress_bar(total: int, enabled: bool, world_size: int):
+    from tqdm.auto import tqdm
+
+    desc = "pseudo labels" + (f" (rank 0 of {world_size})" if world_size > 1 else "")
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)

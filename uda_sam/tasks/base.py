@@ -1,0 +1,391 @@
+"""The base LightningModule: a segmentation network, its optimiser and schedule, validation, test and predict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, NUM_CLASSES
+from uda_sam.metrics import SegmentationMetrics, format_iou_table
+from uda_sam.nn import segmentation_loss
+from uda_sam.tasks.media import (
+    ValidationExample,
+    find_wandb_logger,
+    log_examples,
+    log_iou_table,
+    make_example,
+)
+from uda_sam.tasks.optim import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    LRSchedule,
+    OptimizerName,
+    build_optimizer,
+    lr_factor,
+    trainable_param_groups,
+)
+
+__all__ = ["ClassSubset", "SegmentationTask", "check_choice"]
+
+ClassSubset = Literal["19", "16", "13"]
+_NETWORK_API = ("num_classes", "upsample_logits", "param_groups")
+
+
+def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming ``option`` and its ``choices`` when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(option: str, value: float, allow_zero: bool = False) -> None:
+    if not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+class SegmentationTask(LightningModule):
+    """A segmentation network trained on labelled source batches and evaluated on Cityscapes val.
+
+    Used directly, it trains with the source cross-entropy (1) only; :class:`~uda_sam.tasks.SelfTraining` and
+    :class:`~uda_sam.tasks.SAMPretraining` add the target and self-attention terms. Subclasses share:
+
+    - **Optimisation**: SGD (momentum, weight decay) or Adam over ``network.param_groups(lr, classifier_lr_mult)``,
+      with a per-step ``LambdaLR``: ``"poly"`` ``(1 - s/T)^power`` (DeepLabV2), ``"step"`` ``gamma^(s // step_size)``
+      (FCN-8s) or ``"constant"``, where ``s = global_step - schedule_origin`` counts the steps since the schedule
+      (re)started and ``T`` is ``schedule_steps`` (default: ``trainer.max_steps``).
+    - **Generations**: :meth:`start_new_generation` restores the network's initial weights (a CPU copy taken at
+      construction: the ImageNet or random initialisation), clears the optimiser state (momentum) and restarts the
+      schedule; ``schedule_origin`` and ``schedule_steps`` are saved in checkpoints so that resuming continues the
+      same schedule. Resuming rebuilds the initial weights by constructing the network again, which is exact for
+      ``pretrained="imagenet"`` and for a seeded random initialisation.
+    - **Validation/test**: logits upsampled (``network.upsample_logits``) to the mask size (full 2048x1024 for
+      Cityscapes val by default), argmax, confusion matrix summed across processes; logs ``{stage}/mIoU`` (the
+      first of ``val_class_subsets``), ``{stage}/mIoU_<subset>`` and ``{stage}/iou/<class>``; with a
+      ``WandbLogger``, also a per-class IoU table and ``num_val_images_logged`` images with ground-truth and
+      prediction masks (rank 0).
+    - **Predict**: ``{"name": [...], "pred": uint8 (B, H, W) trainIds}`` at the mask size (the original
+      resolution with ``data.val_label_size: full``); see :class:`uda_sam.callbacks.PredictionWriter`.
+
+    Args:
+        network: The segmentation network (``DeepLabV2``, ``FCN8s``, or any module with ``num_classes``,
+            ``forward(x) -> (B, C, h, w)`` logits, ``upsample_logits(logits, (H, W))`` and
+            ``param_groups(lr, classifier_lr_mult)``).
+        optimizer: ``"sgd"`` (DeepLabV2 in the paper) or ``"adam"`` (FCN-8s).
+        lr: Initial learning rate of the backbone.
+        momentum: SGD momentum.
+        weight_decay: Weight decay (SGD and Adam).
+        classifier_lr_mult: Learning-rate multiplier of the classifier (and of a trained SAM).
+        betas: Adam coefficients.
+        lr_schedule: ``"poly"``, ``"step"`` or ``"constant"``.
+        poly_power: Exponent of the poly schedule.
+        step_size: Steps between decays of the step schedule.
+        step_gamma: Decay factor of the step schedule.
+        schedule_steps: Horizon ``T`` of the poly schedule; ``None`` uses ``trainer.max_steps``.
+        val_class_subsets: Class subsets to report: ``"19"`` (GTA5), ``"16"`` and ``"13"`` (SYNTHIA). The first
+            one is logged as ``val/mIoU``, the metric checkpoints monitor.
+        num_val_images_logged: Validation images sent to W&B at each validation (0 = none).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 2.5e-4,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        classifier_lr_mult: float = 10.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        lr_schedule: LRSchedule = "poly",
+        poly_power: float = 0.9,
+        step_size: int = 50000,
+        step_gamma: float = 0.1,
+        schedule_steps: int | None = None,
+        val_class_subsets: Sequence[ClassSubset] = ("19",),
+        num_val_images_logged: int = 4,
+    ) -> None:
+        super().__init__()
+        missing = [name for name in _NETWORK_API if not hasattr(network, name)]
+        if not isinstance(network, nn.Module) or missing:
+            raise ValueError(
+                f"network must be an nn.Module with {', '.join(_NETWORK_API)} (e.g. uda_sam.nn.DeepLabV2); "
+                f"{type(network).__name__} lacks {missing}"
+            )
+        if int(network.num_classes) != NUM_CLASSES:
+            raise ValueError(
+                f"network.num_classes must be {NUM_CLASSES} (the Cityscapes trainIds), got {network.num_classes}"
+            )
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
+        _check_positive("lr", lr)
+        _check_positive("classifier_lr_mult", classifier_lr_mult)
+        _check_positive("momentum", momentum, allow_zero=True)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_positive("step_size", step_size)
+        if schedule_steps is not None:
+            _check_positive("schedule_steps", schedule_steps)
+        subsets = [str(s) for s in val_class_subsets]
+        if not subsets:
+            raise ValueError(f"val_class_subsets must name at least one of {sorted(CLASS_SUBSETS)}")
+        for subset in subsets:
+            check_choice("val_class_subsets", subset, get_args(ClassSubset))
+        _check_positive("num_val_images_logged", num_val_images_logged, allow_zero=True)
+        # Modules are saved in the state_dict; keeping them out of hparams keeps checkpoints loadable with
+        # weights_only=True.
+        self.save_hyperparameters(ignore=["network"])
+
+        self.network = network
+        self.optimizer_name: OptimizerName = optimizer
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.classifier_lr_mult = float(classifier_lr_mult)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.lr_schedule: LRSchedule = lr_schedule
+        self.poly_power = float(poly_power)
+        self.step_size = int(step_size)
+        self.step_gamma = float(step_gamma)
+        self.schedule_steps: int | None = schedule_steps
+        self.schedule_origin: int = 0
+        self.val_class_subsets: list[str] = subsets
+        self.num_val_images_logged = int(num_val_images_logged)
+
+        # The initialisation every generation restarts from (CPU copy, not part of the state_dict).
+        self._initial_network_state = {
+            k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()
+        }
+        self.val_metrics = SegmentationMetrics(num_classes=NUM_CLASSES)
+        self.test_metrics = self.val_metrics.clone()
+        self._examples: list[ValidationExample] = []
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, image: Tensor) -> Tensor:
+        """Pre-upsample logits ``(B, C, h, w)`` used for evaluation and prediction."""
+        return self.network(image)
+
+    def segmentation_loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Cross-entropy (1)/(3) of ``network.upsample_logits(logits)`` at the mask size against ``mask``."""
+        return segmentation_loss(self.network.upsample_logits(logits, tuple(mask.shape[-2:])), mask)
+
+    @staticmethod
+    def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``(source, target)`` of a training batch; a plain sample batch counts as source only."""
+        if "source" in batch:
+            return batch["source"], batch.get("target")
+        return batch, None
+
+    def log_losses(self, total: Tensor, terms: dict[str, Tensor], batch_size: int) -> None:
+        """Log ``train/loss`` (the total), each term as ``train/<name>`` and each group's ``train/lr_<group>``."""
+        self.log(
+            "train/loss", total.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
+        )
+        values = {f"train/{name}": value.detach() for name, value in terms.items()}
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            for index, group in enumerate(self.trainer.optimizers[0].param_groups):
+                name = group.get("name", str(index))
+                self.log(
+                    f"train/lr_{name}",
+                    float(group["lr"]),
+                    on_step=True,
+                    on_epoch=False,
+                    batch_size=batch_size,
+                )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Source cross-entropy (1) only (the "No Pseudo" objective)."""
+        source, _ = self.split_batch(batch)
+        loss = self.segmentation_loss(self.network(source["image"]), source["mask"])
+        self.log_losses(loss, {"loss_seg_source": loss}, batch_size=len(source["image"]))
+        return loss
+
+    # ------------------------------------------------------------------------------------ optimisation
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups of the optimiser (subclasses add their own trainable modules)."""
+        return list(self.network.param_groups(self.lr, self.classifier_lr_mult))
+
+    @property
+    def schedule_horizon(self) -> int | None:
+        """Horizon of the poly schedule: ``schedule_steps``, else ``trainer.max_steps`` when set."""
+        if self.schedule_steps is not None:
+            return int(self.schedule_steps)
+        if self._trainer is not None and self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return None
+
+    @property
+    def schedule_step(self) -> int:
+        """Optimiser steps since the learning-rate schedule (re)started."""
+        return max(0, int(self.global_step) - int(self.schedule_origin))
+
+    def current_lr_factor(self) -> float:
+        """The multiplier of the initial learning rates at the current step."""
+        return lr_factor(
+            self.schedule_step,
+            self.lr_schedule,
+            total_steps=self.schedule_horizon,
+            power=self.poly_power,
+            step_size=self.step_size,
+            gamma=self.step_gamma,
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimiser and a ``LambdaLR`` stepped after every optimiser step.
+
+        Raises:
+            ValueError: With ``lr_schedule="poly"`` and neither ``schedule_steps`` nor ``trainer.max_steps``.
+        """
+        groups = trainable_param_groups(self.optimizer_param_groups())
+        optimizer = build_optimizer(
+            groups,
+            self.optimizer_name,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+        )
+        self.current_lr_factor()  # fail now, with a clear message, if the schedule has no horizon
+
+        # The factor depends on global_step - schedule_origin, not on the scheduler's own counter, so that a
+        # generation restart or a resumed run lands on the same value as an uninterrupted run.
+        def factor(_: int) -> float:
+            return self.current_lr_factor()
+
+        scheduler = LambdaLR(optimizer, lr_lambda=factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def start_new_generation(
+        self, reinitialize_network: bool = True, schedule_steps: int | None = None
+    ) -> None:
+        """Start a new self-training generation at the current step.
+
+        Restores the network's initial weights (unless ``reinitialize_network`` is False), clears the optimiser
+        state (momentum / Adam moments), sets ``schedule_origin = global_step`` and resets the learning rates to
+        the start of the schedule. Call it on every process (e.g. from a callback's ``on_train_batch_start``).
+
+        Args:
+            reinitialize_network: Reload the initial (ImageNet / random) weights, as the paper does for every generation.
+            schedule_steps: New poly horizon from now on (e.g. steps per generation); ``None`` keeps the current one.
+        """
+        if schedule_steps is not None:
+            _check_positive("schedule_steps", schedule_steps)
+            self.schedule_steps = int(schedule_steps)
+        if reinitialize_network:
+            self.network.load_state_dict(self._initial_network_state)
+        self.schedule_origin = int(self.global_step)
+        if self._trainer is None:
+            return
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+        factor = self.current_lr_factor()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * factor
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the schedule origin and horizon next to the weights."""
+        checkpoint["uda_sam"] = {
+            "schedule_origin": self.schedule_origin,
+            "schedule_steps": self.schedule_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` stored."""
+        state = checkpoint.get("uda_sam", {})
+        self.schedule_origin = int(state.get("schedule_origin", 0))
+        self.schedule_steps = state.get("schedule_steps", self.schedule_steps)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def _evaluate_batch(self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str) -> Tensor:
+        image, mask = batch["image"], batch["mask"]
+        logits = self.network.upsample_logits(self(image), tuple(mask.shape[-2:]))
+        preds = logits.argmax(dim=1)
+        metrics.update(preds, mask)
+        loss = segmentation_loss(logits, mask)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(image))
+        return preds
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the confusion matrix (and keep a few images for W&B on rank 0)."""
+        preds = self._evaluate_batch(batch, self.val_metrics, "val")
+        if self._keep_examples():
+            normalization = getattr(self.trainer.datamodule, "normalization", "imagenet")
+            for i in range(len(preds)):
+                if len(self._examples) >= self.num_val_images_logged:
+                    break
+                self._examples.append(
+                    make_example(
+                        batch["name"][i], batch["image"][i], batch["mask"][i], preds[i], normalization
+                    )
+                )
+
+    def _keep_examples(self) -> bool:
+        return (
+            self.num_val_images_logged > 0
+            and len(self._examples) < self.num_val_images_logged
+            and self._trainer is not None
+            and not self.trainer.sanity_checking
+            and self.trainer.is_global_zero
+            and find_wandb_logger(self.trainer) is not None
+        )
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the test confusion matrix."""
+        self._evaluate_batch(batch, self.test_metrics, "test")
+
+    def _end_evaluation(self, metrics: SegmentationMetrics, stage: str) -> None:
+        scores = metrics.compute()  # summed over processes: every rank gets the same numbers
+        metrics.reset()
+        values: dict[str, Tensor] = {}
+        for index, subset in enumerate(self.val_class_subsets):
+            if index == 0:
+                values[f"{stage}/mIoU"] = scores[f"mIoU_{subset}"]
+            values[f"{stage}/mIoU_{subset}"] = scores[f"mIoU_{subset}"]
+        for c, name in enumerate(CLASS_NAMES):
+            values[f"{stage}/iou/{name}"] = scores["iou"][c]
+        self.log_dict(values, sync_dist=True)
+
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            self._examples.clear()
+            return
+        if trainer.state.fn in ("validate", "test"):
+            for subset in self.val_class_subsets:
+                rank_zero_info(
+                    f"\n{stage} IoU (%), {subset} classes:\n{format_iou_table(scores['iou'], subset=subset)}"
+                )
+        logger = find_wandb_logger(trainer)
+        if logger is not None and trainer.is_global_zero:
+            log_iou_table(
+                logger, f"{stage}/iou_table", scores["iou"], self.val_class_subsets, step=self.global_step
+            )
+            if stage == "val":
+                log_examples(logger, "val/predictions", self._examples, step=self.global_step)
+        self._examples.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation scores (and W&B media)."""
+        self._end_evaluation(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test scores."""
+        self._end_evaluation(self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Predicted trainIds at the size of the batch's masks (the original resolution by default).
+
+        Returns:
+            ``{"name": list[str], "pred": uint8 (B, H, W) tensor on CPU}``.
+        """
+        image = batch["image"]
+        size = tuple(batch["mask"].shape[-2:]) if "mask" in batch else tuple(image.shape[-2:])
+        logits = self.network.upsample_logits(self(image), size)
+        return {"name": list(batch["name"]), "pred": logits.argmax(dim=1).to(torch.uint8).cpu()}

@@ -1,0 +1,232 @@
+"""Saving and loading the self-attention module (SAM) on its own, and reading network weights from checkpoints.
+
+An exported SAM file is a plain dict written with :func:`torch.save` and read back with ``weights_only=True``::
+
+    {"state_dict": {...}, "num_classes": C, "embed_channels": C', "kernel_size": k, "use_conv": bool,
+     "layer": "prediction" | "feature"}
+
+``num_classes`` is the number of input channels the SAM was built for: the classes for the prediction layer,
+the classifier's input channels for the feature layer. :func:`load_sam` also accepts a Lightning checkpoint of
+:class:`~uda_sam.tasks.SAMPretraining` (its ``state_dict`` holds ``sam.*`` entries and the checkpoint a
+``"sam_config"`` entry).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from uda_sam.nn import SelfAttentionModule
+
+__all__ = [
+    "SAM_FILE_KEYS",
+    "load_sam",
+    "network_state_dict",
+    "read_checkpoint",
+    "sam_config",
+    "save_sam",
+]
+
+#: Keys of an exported SAM file.
+SAM_FILE_KEYS: tuple[str, ...] = (
+    "state_dict",
+    "num_classes",
+    "embed_channels",
+    "kernel_size",
+    "use_conv",
+    "layer",
+)
+
+_EXPECTED = (
+    "an exported SAM file (a dict with keys "
+    + ", ".join(SAM_FILE_KEYS)
+    + ", written by SAMPretraining as sam.pt) "
+    "or a SAMPretraining Lightning checkpoint (.ckpt whose state_dict holds 'sam.*' entries)"
+)
+
+
+def sam_config(
+    sam: SelfAttentionModule, layer: Literal["prediction", "feature"] = "prediction"
+) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``sam`` (plus the layer it works on)."""
+    return {
+        "num_classes": int(sam.num_classes),
+        "embed_channels": int(sam.embed_channels),
+        "kernel_size": int(sam.kernel_size),
+        "use_conv": bool(sam.use_conv),
+        "layer": layer,
+    }
+
+
+def save_sam(
+    sam: SelfAttentionModule,
+    path: str | os.PathLike[str],
+    layer: Literal["prediction", "feature"] = "prediction",
+) -> Path:
+    """Write ``sam`` as an exported SAM file, atomically (temporary file in the same folder, then rename).
+
+    Args:
+        sam: The module to export.
+        path: Destination file; parent folders are created.
+        layer: The layer the SAM was trained on.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in sam.state_dict().items()},
+        **sam_config(sam, layer),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str], option: str, expected: str = _EXPECTED) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with errors that name ``option``, the file and ``expected``.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        ValueError: If the file cannot be read as tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{option}: {path} {state}; expected {expected}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        raise ValueError(
+            f"{option}: cannot read {path} with torch.load(weights_only=True) ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); expected {expected}"
+        ) from error
+
+
+def _config_from_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    weight = state_dict.get("transform.weight")
+    if weight is None or weight.ndim != 4:
+        return None
+    return {
+        "num_classes": int(weight.shape[1]),
+        "embed_channels": int(weight.shape[0]),
+        "kernel_size": int(weight.shape[-1]),
+        "use_conv": True,
+        "layer": "prediction",
+    }
+
+
+def _split_checkpoint(obj: Any, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """``(config, state_dict)`` of the SAM stored under ``prefix`` in a Lightning checkpoint, or ``None``."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        return None
+    weights = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+    configs = obj.get("sam_config")
+    config = configs.get(prefix.rstrip(".")) if isinstance(configs, Mapping) else None
+    if config is None and not weights:
+        return None
+    if config is None:
+        config = _config_from_weights(weights)
+        if config is None:
+            return None
+    return dict(config), weights
+
+
+def load_sam(
+    path: str | os.PathLike[str],
+    expected_channels: int | None = None,
+    layer: Literal["prediction", "feature"] = "prediction",
+    option: str = "sam_path",
+) -> SelfAttentionModule:
+    """Rebuild a SAM from an exported file or from a SAMPretraining Lightning checkpoint.
+
+    Args:
+        path: The file.
+        expected_channels: The number of channels the SAM must accept (the network's ``num_classes`` for the
+            prediction layer, its ``feature_channels`` for the feature layer); ``None`` skips the check.
+        layer: The layer the caller applies the SAM to; a file that records another layer is refused.
+        option: The option name used in error messages (e.g. ``"sam_path"``).
+
+    Returns:
+        The module with its weights loaded, on CPU, in eval mode.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file is neither kind, records another layer, or was built for another channel count.
+    """
+    obj = read_checkpoint(path, option)
+    if isinstance(obj, Mapping) and all(key in obj for key in SAM_FILE_KEYS[:5]):
+        candidates = [({key: obj[key] for key in SAM_FILE_KEYS[1:] if key in obj}, dict(obj["state_dict"]))]
+        kind = "exported SAM file"
+    else:
+        # SAMPretraining keeps its SAM at "sam."; SelfTraining keeps its frozen SAMs at "sam." / "feature_sam.".
+        candidates = [
+            c for c in (_split_checkpoint(obj, p) for p in ("sam.", "feature_sam.")) if c is not None
+        ]
+        if not candidates:
+            keys = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(
+                f"{option}: {path} is not a SAM file nor a SAM checkpoint (found {keys}); expected {_EXPECTED}"
+            )
+        kind = "SAMPretraining checkpoint"
+    matching = [c for c in candidates if c[0].get("layer", "prediction") == layer]
+    if not matching:
+        stored = candidates[0][0].get("layer", "prediction")
+        raise ValueError(
+            f"{option}: the SAM in {path} was trained on the {stored!r} layer, but it is used on the "
+            f"{layer!r} layer here; pass a SAM pretrained with layer={layer!r}"
+        )
+    config, weights = matching[0]
+    if expected_channels is not None and int(config["num_classes"]) != int(expected_channels):
+        what = "classes" if layer == "prediction" else "feature channels"
+        raise ValueError(
+            f"{option}: the SAM in {path} ({kind}) was built for {config['num_classes']} input channels, but the "
+            f"network has {expected_channels} {what}; use a SAM pretrained with the same network output"
+        )
+    sam = SelfAttentionModule(
+        num_classes=int(config["num_classes"]),
+        embed_channels=int(config["embed_channels"]),
+        kernel_size=int(config["kernel_size"]),
+        use_conv=bool(config["use_conv"]),
+    )
+    try:
+        sam.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{option}: the SAM weights in {path} do not match their recorded configuration: {error}"
+        ) from error
+    return sam.eval()
+
+
+def network_state_dict(path: str | os.PathLike[str], option: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The ``network.*`` weights of a task checkpoint (prefix removed), read with ``weights_only=True``.
+
+    Useful to build a teacher network for pseudo labels from a :class:`~uda_sam.tasks.SegmentationTask`
+    checkpoint: ``net.load_state_dict(network_state_dict(path))``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it holds no ``network.*`` weights.
+    """
+    obj = read_checkpoint(path, option, expected="a Lightning checkpoint of a uda_sam task (.ckpt)")
+    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    weights = {k[len("network.") :]: v for k, v in (state or {}).items() if k.startswith("network.")}
+    if not weights:
+        raise ValueError(
+            f"{option}: {path} holds no network weights; expected a Lightning checkpoint of a uda_sam task "
+            "(state_dict with 'network.*' entries)"
+        )
+    return weights
