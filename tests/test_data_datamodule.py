@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -27,8 +28,14 @@ def roots(tmp_path: Path) -> dict:
 
 
 def make_dm(tmp: Path, **kwargs) -> UDADataModule:
-    args = dict(source_root=str(tmp / "gta5"), target_root=str(tmp / "cs"), source_size=(32, 16),
-                target_size=(32, 16), batch_size=2, num_workers=0)
+    args = dict(
+        source_root=str(tmp / "gta5"),
+        target_root=str(tmp / "cs"),
+        source_size=(32, 16),
+        target_size=(32, 16),
+        batch_size=2,
+        num_workers=0,
+    )
     args.update(kwargs)
     return UDADataModule(**args)
 
@@ -44,7 +51,9 @@ def test_train_batches(roots: dict) -> None:
     assert source["mask"].dtype == torch.int64 and len(source["name"]) == 2
     assert target["image"].shape == (2, 3, 16, 32) and (target["mask"] == 255).all()
     for i, name in enumerate(source["name"]):
-        expected = fake.to_train(fake.id_blocks(64, 32, fake.LABEL_IDS, int(name) - 1).astype(np.uint8), fake.LABEL_TO_TRAIN)
+        expected = fake.to_train(
+            fake.id_blocks(64, 32, fake.LABEL_IDS, int(name) - 1).astype(np.uint8), fake.LABEL_TO_TRAIN
+        )
         assert np.array_equal(source["mask"][i].numpy(), expected[::2, ::2])
     # max_size_cycle: as many steps as the longer domain allows (4 source images / 2 = 2 batches)
     assert len(list(iter(dm.train_dataloader()))) == 2
@@ -71,7 +80,9 @@ def test_val_test_predict_and_inference_sets(roots: dict) -> None:
     sample = inference[0]
     assert sample["image"].shape == (3, 16, 32)
     assert np.array_equal(sample["mask"].numpy(), roots["cs"]["train"][inference.names[0]][::2, ::2])
-    (roots["tmp"] / "cs" / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png").unlink()
+    (
+        roots["tmp"] / "cs" / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"
+    ).unlink()
     assert (dm.target_inference_dataset()[0]["mask"] == 255).all()  # GT where present, else 255
 
 
@@ -148,8 +159,14 @@ def test_setup_errors(roots: dict) -> None:
 
 
 def test_loader_options(roots: dict) -> None:
-    dm = make_dm(roots["tmp"], num_workers=0, persistent_workers=True, hflip=True, crop_size=(16, 16),
-                 random_scale=(0.75, 1.5))
+    dm = make_dm(
+        roots["tmp"],
+        num_workers=0,
+        persistent_workers=True,
+        hflip=True,
+        crop_size=(16, 16),
+        random_scale=(0.75, 1.5),
+    )
     dm.setup("fit")
     source = dm.train_dataloader().iterables["source"]
     assert source.persistent_workers is False and source.drop_last
@@ -179,8 +196,16 @@ def test_configurable_from_yaml(roots: dict) -> None:
     tmp = roots["tmp"]
     parser = ArgumentParser()
     parser.add_class_arguments(UDADataModule, "data")
-    config = {"data": {"source_root": str(tmp / "gta5"), "target_root": str(tmp / "cs"), "source_size": [32, 16],
-                       "target_size": [32, 16], "random_scale": [0.5, 1.5], "num_workers": 0}}
+    config = {
+        "data": {
+            "source_root": str(tmp / "gta5"),
+            "target_root": str(tmp / "cs"),
+            "source_size": [32, 16],
+            "target_size": [32, 16],
+            "random_scale": [0.5, 1.5],
+            "num_workers": 0,
+        }
+    }
     cfg = parser.parse_string(json.dumps(config))
     dm = parser.instantiate_classes(cfg).data
     assert isinstance(dm, UDADataModule)
@@ -189,46 +214,48 @@ def test_configurable_from_yaml(roots: dict) -> None:
         parser.parse_string(json.dumps({"data": {**config["data"], "source": "cityscapes"}}))
 
 
-class _RecordNames:
-    """A LightningModule (built lazily so that importing this file stays cheap) that writes what each rank sees."""
+class Recorder(pl.LightningModule):
+    """Writes the sample names each rank saw (``ddp_spawn`` returns only weights to the parent)."""
 
-    @staticmethod
-    def build(out_dir: str):
-        import lightning.pytorch as pl
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[str, list[str]] = {"source": [], "target": [], "val": []}
 
-        class Recorder(pl.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.weight = torch.nn.Parameter(torch.zeros(1))
-                self.seen: dict[str, list[str]] = {"source": [], "target": [], "val": []}
+    def training_step(self, batch, batch_idx):
+        self.seen["source"] += batch["source"]["name"]
+        self.seen["target"] += batch["target"]["name"]
+        return (self.weight * batch["source"]["image"].mean()).sum()
 
-            def training_step(self, batch, batch_idx):
-                self.seen["source"] += batch["source"]["name"]
-                self.seen["target"] += batch["target"]["name"]
-                return (self.weight * batch["source"]["image"].mean()).sum()
+    def validation_step(self, batch, batch_idx):
+        self.seen["val"] += batch["name"]
 
-            def validation_step(self, batch, batch_idx):
-                self.seen["val"] += batch["name"]
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
 
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.0)
-
-            def on_fit_end(self) -> None:
-                Path(out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
-
-        return Recorder()
+    def on_fit_end(self) -> None:
+        Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
 
 
 @pytest.mark.slow
 def test_ddp_shards_both_domains(roots: dict) -> None:
-    import lightning.pytorch as pl
-
     tmp = roots["tmp"]
     dm = make_dm(tmp, batch_size=1, val_batch_size=1)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=1.0, val_check_interval=2)
-    trainer.fit(_RecordNames.build(str(tmp)), datamodule=dm)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0,
+        val_check_interval=2,
+    )
+    trainer.fit(Recorder(str(tmp)), datamodule=dm)
     seen = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
     # 4 source images over 2 ranks, 2 steps each: disjoint shards covering the set
     assert set(seen[0]["source"]).isdisjoint(seen[1]["source"])

@@ -194,8 +194,11 @@ def test_synthia_corrupt_label(tmp_path: Path, damage) -> None:
 def test_cityscapes_exact_train_ids_and_names(tmp_path: Path) -> None:
     expected = fake.write_fake_cityscapes(tmp_path)
     train = Cityscapes(tmp_path, "train", size=None)
-    assert train.names == sorted(expected["train"]) == [
-        "aachen/aachen_000000_000019", "aachen/aachen_000002_000019", "bochum/bochum_000001_000019"]
+    assert (
+        train.names
+        == sorted(expected["train"])
+        == ["aachen/aachen_000000_000019", "aachen/aachen_000002_000019", "bochum/bochum_000001_000019"]
+    )
     for i, name in enumerate(train.names):
         assert np.array_equal(train[i]["mask"].numpy(), expected["train"][name])
     val = Cityscapes(tmp_path, "val", size=(32, 16))
@@ -249,7 +252,9 @@ def test_cityscapes_bad_layouts(tmp_path: Path) -> None:
 
 def test_cityscapes_list_file(tmp_path: Path) -> None:
     fake.write_fake_cityscapes(tmp_path / "cs")
-    (tmp_path / "list.txt").write_text("bochum/bochum_000001_000019_leftImg8bit.png\naachen/aachen_000000_000019\n")
+    (tmp_path / "list.txt").write_text(
+        "bochum/bochum_000001_000019_leftImg8bit.png\naachen/aachen_000000_000019\n"
+    )
     ds = Cityscapes(tmp_path / "cs", list_file=tmp_path / "list.txt")
     assert ds.names == ["bochum/bochum_000001_000019", "aachen/aachen_000000_000019"]
 
@@ -295,7 +300,9 @@ def test_transform_caffe_bgr_mean() -> None:
     image = np.zeros((4, 6, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 200, 100, 50  # R, G, B
     out, mask = SegmentationTransform(size=None, normalization="caffe")(image, np.zeros((4, 6), np.uint8))
-    assert torch.allclose(out[:, 0, 0], torch.tensor([50 - 104.00698793, 100 - 116.66876762, 200 - 122.67891434]))
+    assert torch.allclose(
+        out[:, 0, 0], torch.tensor([50 - 104.00698793, 100 - 116.66876762, 200 - 122.67891434])
+    )
     assert mask.dtype == torch.int64
     assert np.array_equal(denormalize(out, "caffe"), image)
 
@@ -316,7 +323,9 @@ def test_transform_crop_pads_mask_with_ignore_and_flip_is_joint() -> None:
 
 def test_transform_random_scale_range() -> None:
     transform = SegmentationTransform(size=(40, 20), random_scale=(0.5, 2.0))
-    shapes = {transform(np.zeros((20, 40, 3), np.uint8), np.zeros((20, 40), np.uint8))[1].shape for _ in range(8)}
+    shapes = {
+        transform(np.zeros((20, 40, 3), np.uint8), np.zeros((20, 40), np.uint8))[1].shape for _ in range(8)
+    }
     assert all(10 <= h <= 40 for h, _ in shapes) and len(shapes) > 1
     with pytest.raises(ValueError, match="random_scale"):
         SegmentationTransform(random_scale=(2.0, 1.0))

@@ -236,6 +236,7 @@ def generate_pseudo_labels(
     record = {
         "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist())},
         "signature": signature,
+        "num_processes": group.world_size,
     }
     if group.rank == 0:
         shutil.rmtree(cache_dir)

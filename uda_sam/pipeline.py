@@ -256,6 +256,7 @@ def run_stage(
     extra_args: Sequence[str],
     seed: int,
     teacher: str | None = None,
+    generation: int = 1,
 ) -> StageResult:
     """Fit one stage in this process (or reuse its finished result) and validate its final network.
 
@@ -266,6 +267,7 @@ def run_stage(
         extra_args: Arguments added after the stage's own (the pipeline's wiring: SAM file, seed, ...).
         seed: Global seed.
         teacher: Checkpoint whose network makes this stage's pseudo labels (self-training stages).
+        generation: The generation this stage trains (self-training stages).
     """
     result_file = stage_dir / RESULT_FILE
     if result_file.is_file():
@@ -282,7 +284,11 @@ def run_stage(
     checkpoint_dir = stage_dir / "checkpoints"
     args = [a for c in stage.config for a in ("--config", c)]
     args += [*stage.args, *extra_args, f"--seed_everything={seed}", f"--trainer.default_root_dir={stage_dir}"]
-    os.environ["WANDB_NAME"] = f"{name} (seed {seed})"
+    # Everything a stage writes goes to its own folder, whatever paths its config names.
+    if str(_config_value(stage, "trainer.logger.class_path", "")).endswith("WandbLogger"):
+        args += [f"--trainer.logger.init_args.save_dir={stage_dir}", f"--trainer.logger.init_args.name={name} (seed {seed})"]
+    if str(_config_value(stage, "model.class_path", "")).endswith("SAMPretraining"):
+        args.append(f"--model.init_args.sam_export_path={stage_dir / 'sam.pt'}")
     cli = UDASamCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
 
@@ -297,6 +303,8 @@ def run_stage(
                 raise PipelineConfigError(f"stage {name!r} makes pseudo labels but the pipeline has no teacher for it")
             callback.teacher_checkpoint = teacher
             callback.output_dir = stage_dir / "pseudo_labels"
+            callback.first_generation = generation
+            callback.num_generations = 1
     if not has_checkpointing:
         raise PipelineConfigError(f"stage {name!r}: its config has no ModelCheckpoint callback; add one with save_last: true")
 
@@ -306,7 +314,7 @@ def run_stage(
         raise RuntimeError(f"stage {name!r} finished without writing {last}")
     metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
 
-    sam_file = getattr(model, "sam_export_file", None)
+    sam_file = model.resolve_export_path() if hasattr(model, "resolve_export_path") else None
     label_dir = next(
         (c.label_dir for c in trainer.callbacks if isinstance(c, PseudoLabelRegeneration) and c.label_dir), None
     )
@@ -382,7 +390,9 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
             if setting.uses_sam:
                 wiring.append(f"--model.init_args.sam_path={sam_file}")
             stage_dir = seed_dir / _slug(setting.name) / f"generation_{generation}"
-            result = run_stage(f"{setting.name} gen {generation}", stage_dir, setting, wiring, seed, teacher=teacher)
+            result = run_stage(
+                f"{setting.name} gen {generation}", stage_dir, setting, wiring, seed, teacher=teacher, generation=generation
+            )
             results[setting.name][generation] = result
             teacher = result.checkpoint
 
@@ -442,7 +452,6 @@ def format_results(per_seed: dict[int, dict[str, dict[int, StageResult]]], metri
 def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) a whole pipeline; returns the path of ``results.md``."""
     out = _claim_output_dir(config)
-    os.environ.setdefault("WANDB_DIR", str(out))
     if config.toy_data is not None:
         from uda_sam.data.toy import make_toy_data
 
@@ -466,10 +475,12 @@ def run_pipeline(config: PipelineConfig) -> Path:
             for generation, result in gens.items():
                 label = row if generation == 0 else f"{row} gen {generation}"
                 print(f"  seed {seed} | {label}: {result.checkpoint}")
-                if result.sam:
-                    print(f"  seed {seed} | {label} SAM weights: {result.sam}")
-    print(f"\nPseudo labels:      {out}/seed_*/<setting>/generation_*/pseudo_labels/")
-    print(f"W&B offline runs:   {os.environ['WANDB_DIR']}/wandb/  (upload with `wandb sync <run folder>`)")
+    for seed in per_seed:
+        sam_result = Path(out / f"seed_{seed}" / "sam_pretraining" / RESULT_FILE)
+        if sam_result.is_file():
+            print(f"  seed {seed} | SAM weights: {json.loads(sam_result.read_text())['sam']}")
+    print(f"\nPseudo labels:      {out}/seed_*/<setting>/generation_<k>/pseudo_labels/generation_<k>/")
+    print(f"W&B offline runs:   {out}/seed_*/<stage>/wandb/  (upload with `wandb sync <run folder>`)")
     print(f"Results table:      {results_md}")
     print(f"Total time:         {(time.monotonic() - start) / 60:.1f} min")
     return results_md

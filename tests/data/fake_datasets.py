@@ -18,13 +18,75 @@ import numpy as np
 from PIL import Image
 
 # Cityscapes labelId -> trainId (DATASETS.md); ids not listed -> 255.
-LABEL_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                  26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+LABEL_TO_TRAIN = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 # SYNTHIA id -> trainId (DATASETS.md); ids not listed -> 255.
-SYNTHIA_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13, 19: 15,
-                    12: 17, 11: 18}
+SYNTHIA_TO_TRAIN = {
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    19: 15,
+    12: 17,
+    11: 18,
+}
 # Ids drawn into fake labels: every class plus ignored ones (0 unlabeled, 1 ego vehicle, 4 static, 9, 14, 34, 255).
-LABEL_IDS = (7, 0, 8, 11, 1, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33, 4, 9, 14, 34, 255)
+LABEL_IDS = (
+    7,
+    0,
+    8,
+    11,
+    1,
+    12,
+    13,
+    17,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    26,
+    27,
+    28,
+    31,
+    32,
+    33,
+    4,
+    9,
+    14,
+    34,
+    255,
+)
 SYNTHIA_IDS = tuple(range(23))
 CS_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",), "test": ("berlin",)}
 
@@ -47,7 +109,9 @@ def fake_image(width: int, height: int, seed: int) -> np.ndarray:
     """A smooth RGB uint8 image: a gradient plus seeded noise."""
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[0:height, 0:width]
-    base = np.stack([cols * 255 // max(width - 1, 1), rows * 255 // max(height - 1, 1), (rows + cols) % 256], -1)
+    base = np.stack(
+        [cols * 255 // max(width - 1, 1), rows * 255 // max(height - 1, 1), (rows + cols) % 256], -1
+    )
     return np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
 
 
@@ -88,7 +152,9 @@ def write_fake_gta5(
     return expected
 
 
-def write_fake_synthia(root: str | Path, num_images: int = 2, size: tuple[int, int] = (64, 32)) -> dict[str, np.ndarray]:
+def write_fake_synthia(
+    root: str | Path, num_images: int = 2, size: tuple[int, int] = (64, 32)
+) -> dict[str, np.ndarray]:
     """Write ``root/RGB/NNNNNNN.png`` and 16-bit 3-channel ``root/GT/LABELS/NNNNNNN.png`` (class id in R).
 
     Returns:
@@ -103,7 +169,9 @@ def write_fake_synthia(root: str | Path, num_images: int = 2, size: tuple[int, i
         classes = id_blocks(width, height, SYNTHIA_IDS, offset=3 * i)
         instances = id_blocks(width, height, (0, 300, 1000, 65535), offset=i)  # genuinely 16-bit values
         rgb16 = np.stack([classes, instances, np.zeros_like(classes)], -1)  # R, G, B
-        assert cv2.imwrite(str(root / "GT" / "LABELS" / f"{name}.png"), rgb16[:, :, ::-1].copy())  # cv2 wants BGR
+        assert cv2.imwrite(
+            str(root / "GT" / "LABELS" / f"{name}.png"), rgb16[:, :, ::-1].copy()
+        )  # cv2 wants BGR
         write_rgb(root / "RGB" / f"{name}.png", fake_image(width, height, seed=100 + i))
         expected[name] = to_train(classes, SYNTHIA_TO_TRAIN)
     return expected
@@ -130,7 +198,10 @@ def write_fake_cityscapes(
             cities = CS_CITIES[split]
             city = cities[i % len(cities)]
             stem = f"{city}_{i:06d}_{19:06d}"
-            write_rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", fake_image(width, height, 200 + i))
+            write_rgb(
+                root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+                fake_image(width, height, 200 + i),
+            )
             label_dir = root / "gtFine" / split / city
             label_dir.mkdir(parents=True, exist_ok=True)
             if split == "test":
@@ -139,14 +210,18 @@ def write_fake_cityscapes(
                 ids = id_blocks(width, height, LABEL_IDS, offset=5 * i + len(split)).astype(np.uint8)
             Image.fromarray(ids, mode="L").save(label_dir / f"{stem}_gtFine_labelIds.png")
             Image.fromarray(ids * 3, mode="L").convert("RGB").save(label_dir / f"{stem}_gtFine_color.png")
-            assert cv2.imwrite(str(label_dir / f"{stem}_gtFine_instanceIds.png"), ids.astype(np.uint16) * 1000)
+            assert cv2.imwrite(
+                str(label_dir / f"{stem}_gtFine_instanceIds.png"), ids.astype(np.uint16) * 1000
+            )
             expected[split][f"{city}/{stem}"] = (
                 np.full((height, width), 255, np.uint8) if split == "test" else to_train(ids, LABEL_TO_TRAIN)
             )
     return expected
 
 
-def write_pseudo_labels(root: str | Path, names: Sequence[str], size: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
+def write_pseudo_labels(
+    root: str | Path, names: Sequence[str], size: tuple[int, int], seed: int = 0
+) -> dict[str, np.ndarray]:
     """Write ``root/{name}.png`` single-channel uint8 trainIds (with 255) for each name; returns them."""
     rng = np.random.default_rng(seed)
     width, height = size

@@ -82,6 +82,8 @@ class PseudoLabelRegeneration(Callback):
         batch_size: Images per inference batch.
         num_workers: Data-loading workers for inference.
         reuse_existing: Reuse a finished generation folder whose recorded run signature matches this run's.
+        first_generation: Index of this fit's first generation, when generations run as separate fits (generation
+            ``k`` of such a protocol is a fit with ``first_generation=k`` whose teacher is generation ``k - 1``).
     """
 
     def __init__(
@@ -96,9 +98,12 @@ class PseudoLabelRegeneration(Callback):
         batch_size: int = 4,
         num_workers: int = 2,
         reuse_existing: bool = True,
+        first_generation: int = 1,
     ) -> None:
         if num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        if first_generation < 1:
+            raise ValueError(f"first_generation must be >= 1, got {first_generation}")
         if steps_per_generation is not None and steps_per_generation < 1:
             raise ValueError(f"steps_per_generation must be >= 1, got {steps_per_generation}")
         self.teacher_checkpoint = teacher_checkpoint
@@ -111,6 +116,7 @@ class PseudoLabelRegeneration(Callback):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.reuse_existing = reuse_existing
+        self.first_generation = first_generation
         self.generation = 0
         self.label_dir: str | None = None
         self.history: list[dict[str, Any]] = []
@@ -200,13 +206,14 @@ class PseudoLabelRegeneration(Callback):
             device=pl_module.device,
         )
         dataset = trainer.datamodule.target_inference_dataset()
-        label_dir = self.output_dir / f"generation_{generation}"
-        rank_zero_info(f"Pseudo labels, generation {generation}: {len(dataset)} target images -> {label_dir}")
+        index = self.first_generation - 1 + generation  # the generation's number in the whole protocol
+        label_dir = self.output_dir / f"generation_{index}"
+        rank_zero_info(f"Pseudo labels, generation {index}: {len(dataset)} target images -> {label_dir}")
         result = generate_pseudo_labels(
             network,
             dataset,
             label_dir,
-            signature={"generation": generation, "teacher": teacher},
+            signature={"generation": index, "teacher": teacher},
             num_classes=getattr(network, "num_classes", 19),
             cap=self.cap,
             num_bins=self.num_bins,
@@ -221,9 +228,9 @@ class PseudoLabelRegeneration(Callback):
         self.generation = generation
         self.label_dir = str(label_dir)
         trainer.datamodule.set_pseudo_label_root(self.label_dir)
-        self.history.append({"generation": generation, "step": trainer.global_step, "label_dir": self.label_dir})
+        self.history.append({"generation": index, "step": trainer.global_step, "label_dir": self.label_dir})
         if trainer.is_global_zero:
-            self._log(trainer, result, generation)
+            self._log(trainer, result, index)
 
     def _log(self, trainer: pl.Trainer, result: GenerationResult, generation: int) -> None:
         stats = result.statistics

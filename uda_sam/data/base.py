@@ -56,7 +56,9 @@ def read_list_file(list_file: str | Path, strip_suffixes: Sequence[str]) -> list
     """
     path = Path(list_file)
     if not path.is_file():
-        raise FileNotFoundError(f"list_file {path} does not exist; expected a text file with one image name per line")
+        raise FileNotFoundError(
+            f"list_file {path} does not exist; expected a text file with one image name per line"
+        )
     names = []
     for line in path.read_text().splitlines():
         entry = line.strip().replace("\\", "/")

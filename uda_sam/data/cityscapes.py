@@ -8,7 +8,14 @@ from typing import Literal
 
 import numpy as np
 
-from uda_sam.data.base import SampleFiles, SegmentationDataset, check_limit, read_list_file, require_dir, summarize
+from uda_sam.data.base import (
+    SampleFiles,
+    SegmentationDataset,
+    check_limit,
+    read_list_file,
+    require_dir,
+    summarize,
+)
 from uda_sam.data.io import read_label_uint8, read_rgb
 from uda_sam.data.labels import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
 from uda_sam.data.transforms import Normalization
@@ -19,7 +26,9 @@ LAYOUT = (
     "{root}/leftImg8bit/{split}/{city}/{city}_{seq:06}_{frame:06}_leftImg8bit.png and "
     "{root}/gtFine/{split}/{city}/{city}_{seq:06}_{frame:06}_gtFine_labelIds.png"
 )
-PSEUDO_LAYOUT = "{pseudo_label_root}/{city}/{city}_{seq:06}_{frame:06}.png (single-channel uint8 trainIds, 255 ignore)"
+PSEUDO_LAYOUT = (
+    "{pseudo_label_root}/{city}/{city}_{seq:06}_{frame:06}.png (single-channel uint8 trainIds, 255 ignore)"
+)
 
 Split = Literal["train", "val", "test"]
 LabelMode = Literal["gt", "optional", "none"]
@@ -78,7 +87,9 @@ class Cityscapes(SegmentationDataset):
             raise ValueError(f"labels must be 'gt', 'optional' or 'none', got {labels!r}")
         if label_size not in ("resized", "full"):
             raise ValueError(f"label_size must be 'resized' or 'full', got {label_size!r}")
-        super().__init__(size, normalization, random_scale, crop_size, hflip, resize_mask=label_size == "resized")
+        super().__init__(
+            size, normalization, random_scale, crop_size, hflip, resize_mask=label_size == "resized"
+        )
         self.root = Path(root)
         self.split = split
         self.label_size = label_size
@@ -105,26 +116,34 @@ class Cityscapes(SegmentationDataset):
                 )
         else:
             names = sorted(
-                p.relative_to(image_dir).as_posix()[: -len(IMAGE_SUFFIX)] for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")
+                p.relative_to(image_dir).as_posix()[: -len(IMAGE_SUFFIX)]
+                for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")
             )
         if not names:
-            raise FileNotFoundError(f"Cityscapes {split} image folder {image_dir} holds no images; expected layout: {LAYOUT}")
+            raise FileNotFoundError(
+                f"Cityscapes {split} image folder {image_dir} holds no images; expected layout: {LAYOUT}"
+            )
         names = names[: check_limit(limit)]
 
         if self.pseudo_label_root is not None:
             pseudo_dir = require_dir(self.pseudo_label_root, "pseudo_label_root", PSEUDO_LAYOUT)
-            self.samples = [SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", pseudo_dir / f"{n}.png") for n in names]
+            self.samples = [
+                SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", pseudo_dir / f"{n}.png") for n in names
+            ]
             self._check_labels_exist(f"pseudo-label file in {pseudo_dir}", PSEUDO_LAYOUT)
         elif labels == "none":
             self.samples = [SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", None) for n in names]
         else:
             self.samples = [
-                SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", label_dir / f"{n}{LABEL_SUFFIX}") for n in names
+                SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", label_dir / f"{n}{LABEL_SUFFIX}")
+                for n in names
             ]
             if labels == "gt":
                 self._check_labels_exist(f"label file in {label_dir}", LAYOUT)
             else:
-                self.samples = [s if s.label.is_file() else SampleFiles(s.name, s.image, None) for s in self.samples]
+                self.samples = [
+                    s if s.label.is_file() else SampleFiles(s.name, s.image, None) for s in self.samples
+                ]
 
     def _check_labels_exist(self, what: str, layout: str) -> None:
         missing = [s.name for s in self.samples if s.label is None or not s.label.is_file()]

@@ -140,7 +140,9 @@ class UDADataModule(LightningDataModule):
                 list_file=self.source_list_file,
                 **self._augment(),
             )
-        return Synthia(self.source_root, size=self.source_size, list_file=self.source_list_file, **self._augment())
+        return Synthia(
+            self.source_root, size=self.source_size, list_file=self.source_list_file, **self._augment()
+        )
 
     def _make_target_train(self) -> Cityscapes:
         return Cityscapes(
@@ -180,7 +182,7 @@ class UDADataModule(LightningDataModule):
         )
 
     def _world_size(self) -> int:
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else 1
 
     def _check_enough(self, dataset: Dataset, what: str) -> None:

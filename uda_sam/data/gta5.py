@@ -9,14 +9,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from uda_sam.data.base import SampleFiles, SegmentationDataset, check_limit, read_list_file, require_dir, summarize
+from uda_sam.data.base import (
+    SampleFiles,
+    SegmentationDataset,
+    check_limit,
+    read_list_file,
+    require_dir,
+    summarize,
+)
 from uda_sam.data.io import read_palette_indices, read_rgb
 from uda_sam.data.labels import LABEL_ID_TO_TRAIN_ID
 from uda_sam.data.transforms import Normalization
 
-LAYOUT = (
-    "{root}/images/NNNNN.png (RGB) and {root}/labels/NNNNN.png (palette PNGs whose indices are Cityscapes labelIds)"
-)
+LAYOUT = "{root}/images/NNNNN.png (RGB) and {root}/labels/NNNNN.png (palette PNGs whose indices are Cityscapes labelIds)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Files already reported in this process (each worker warns at most once per file).
@@ -71,11 +76,15 @@ class GTA5(SegmentationDataset):
             image_dir = require_dir(self.root / "images", "GTA5 image folder", LAYOUT)
         else:
             image_dir = require_dir(
-                Path(image_root), "GTA5 image_root", "a folder of translated images named like root/images (NNNNN.png)"
+                Path(image_root),
+                "GTA5 image_root",
+                "a folder of translated images named like root/images (NNNNN.png)",
             )
         self.image_dir, self.label_dir = image_dir, label_dir
 
-        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+        images = {
+            p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        }
         if list_file is not None:
             names = read_list_file(list_file, IMAGE_SUFFIXES)
             absent = [n for n in names if n not in images]
@@ -87,7 +96,9 @@ class GTA5(SegmentationDataset):
         else:
             names = sorted(images)
         if not names:
-            raise FileNotFoundError(f"GTA5 image folder {image_dir} holds no images; expected layout: {LAYOUT}")
+            raise FileNotFoundError(
+                f"GTA5 image folder {image_dir} holds no images; expected layout: {LAYOUT}"
+            )
         names = names[: check_limit(limit)]
 
         self.samples = [SampleFiles(n, images[n], label_dir / f"{n}.png") for n in names]

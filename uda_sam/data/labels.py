@@ -58,7 +58,27 @@ CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
 )
 
 #: Cityscapes labelId of each trainId (index = trainId).
-TRAIN_ID_LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+TRAIN_ID_LABEL_IDS: tuple[int, ...] = (
+    7,
+    8,
+    11,
+    12,
+    13,
+    17,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    26,
+    27,
+    28,
+    31,
+    32,
+    33,
+)
 
 #: SYNTHIA-RAND-CITYSCAPES class id of each trainId it annotates (terrain, truck and train never occur).
 SYNTHIA_ID_TO_TRAIN_ID_PAIRS: tuple[tuple[int, int], ...] = (

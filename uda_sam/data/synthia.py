@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from uda_sam.data.base import SampleFiles, SegmentationDataset, check_limit, read_list_file, require_dir, summarize
+from uda_sam.data.base import (
+    SampleFiles,
+    SegmentationDataset,
+    check_limit,
+    read_list_file,
+    require_dir,
+    summarize,
+)
 from uda_sam.data.io import read_rgb, read_synthia_label
 from uda_sam.data.labels import SYNTHIA_ID_TO_TRAIN_ID
 from uda_sam.data.transforms import Normalization
@@ -68,7 +75,9 @@ class Synthia(SegmentationDataset):
         else:
             names = sorted(images)
         if not names:
-            raise FileNotFoundError(f"SYNTHIA image folder {image_dir} holds no PNG images; expected layout: {LAYOUT}")
+            raise FileNotFoundError(
+                f"SYNTHIA image folder {image_dir} holds no PNG images; expected layout: {LAYOUT}"
+            )
         names = names[: check_limit(limit)]
 
         self.samples = [SampleFiles(n, images[n], label_dir / f"{n}.png") for n in names]

@@ -1,0 +1,235 @@
+"""One generation of pseudo labels and the regeneration callback: exact labels, atomic folders, DDP, resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+
+import uda_sam.callbacks.pseudo_labels as callback_module
+import uda_sam.generation as generation_module
+from uda_sam.callbacks import PseudoLabelRegeneration
+from uda_sam.generation import generate_pseudo_labels
+from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels
+from uda_sam.tasks import SelfTraining
+
+
+def read_labels(folder: Path) -> dict[str, np.ndarray]:
+    return {
+        str(p.relative_to(folder)): np.array(Image.open(p)) for p in sorted(folder.rglob("*.png"))
+    }
+
+
+def teacher_checkpoint(path: Path, network: torch.nn.Module) -> Path:
+    torch.save({"state_dict": {f"network.{k}": v for k, v in network.state_dict().items()}}, path)
+    return path
+
+
+def test_labels_equal_direct_thresholding(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+    network = tiny_network(seed=3)
+    dataset = toy_datamodule().target_inference_dataset()
+    result = generate_pseudo_labels(network, dataset, tmp_path / "gen1", num_workers=0, progress=False)
+
+    # Reference: all probabilities in memory, thresholds from the estimator, labels from make_pseudo_labels.
+    estimator = ClasswiseThresholdEstimator()
+    probs = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            logits = network.upsample_logits(network(sample["image"][None]), tuple(sample["mask"].shape))
+            probs.append(torch.softmax(logits, dim=1))
+    for p in probs:
+        estimator.update(p)
+    thresholds = estimator.compute()
+    assert result.thresholds == pytest.approx(thresholds.tolist())
+    written = read_labels(result.label_dir)
+    assert len(written) == len(dataset)
+    for i, p in enumerate(probs):
+        expected = make_pseudo_labels(p, thresholds)[0].numpy()
+        np.testing.assert_array_equal(written[f"{dataset[i]['name']}.png"], expected)
+
+    record = json.loads((result.label_dir / "thresholds.json").read_text())
+    assert list(record["thresholds"].values()) == pytest.approx(thresholds.tolist())
+    stats = json.loads((result.label_dir / "statistics.json").read_text())
+    assert len(stats["classes"]) == 19 and 0.0 <= stats["labelled_share"] <= 1.0
+    assert stats["precision"] is not None  # the toy target has ground truth: agreement is reported
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+
+
+def test_interrupted_generation_leaves_no_folder(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = toy_datamodule().target_inference_dataset()
+    calls = {"n": 0}
+    real_save = generation_module.save_label_png
+
+    def failing_save(label: Any, path: Any) -> Path:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_save(label, path)
+
+    monkeypatch.setattr(generation_module, "save_label_png", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        generate_pseudo_labels(tiny_network(), dataset, tmp_path / "gen1", num_workers=0, progress=False)
+    assert not (tmp_path / "gen1").exists()
+
+    monkeypatch.setattr(generation_module, "save_label_png", real_save)
+    result = generate_pseudo_labels(tiny_network(), dataset, tmp_path / "gen1", num_workers=0, progress=False)
+    assert len(read_labels(result.label_dir)) == len(dataset)
+    assert [p.name for p in tmp_path.iterdir()] == ["gen1"]  # the stale temporary folder was cleaned up
+
+
+def test_finished_folder_is_reused_or_refused(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+    dataset = toy_datamodule().target_inference_dataset()
+    out = tmp_path / "gen1"
+    generate_pseudo_labels(tiny_network(), dataset, out, signature={"teacher": "a"}, num_workers=0, progress=False)
+    again = generate_pseudo_labels(tiny_network(), dataset, out, signature={"teacher": "a"}, num_workers=0, progress=False)
+    assert again.reused
+    with pytest.raises(FileExistsError, match="another run"):
+        generate_pseudo_labels(tiny_network(), dataset, out, signature={"teacher": "b"}, num_workers=0, progress=False)
+    with pytest.raises(FileExistsError, match="refusing"):
+        generate_pseudo_labels(
+            tiny_network(), dataset, out, signature={"teacher": "a"}, num_workers=0, progress=False, reuse_existing=False
+        )
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "x.png").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="not a finished"):
+        generate_pseudo_labels(tiny_network(), dataset, stray, num_workers=0, progress=False)
+
+
+def test_bad_input(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+    dataset = toy_datamodule().target_inference_dataset()
+    with pytest.raises(ValueError, match="predicts 7 classes"):
+        generate_pseudo_labels(tiny_network(num_classes=7), dataset, tmp_path / "g", num_workers=0, progress=False)
+    with pytest.raises(ValueError, match="no images"):
+        generate_pseudo_labels(tiny_network(), torch.utils.data.Subset(dataset, []), tmp_path / "h", progress=False)
+    with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
+        callback_module.load_network_weights(tiny_network(), tmp_path / "missing.ckpt", "teacher_checkpoint")
+    torch.save({"state_dict": {"sam.transform.weight": torch.zeros(1)}}, tmp_path / "sam.ckpt")
+    with pytest.raises(ValueError, match="no segmentation network weights"):
+        callback_module.load_network_weights(tiny_network(), tmp_path / "sam.ckpt", "teacher_checkpoint")
+    teacher_checkpoint(tmp_path / "seven.ckpt", tiny_network(num_classes=7))
+    with pytest.raises(ValueError, match="number of classes"):
+        callback_module.load_network_weights(tiny_network(), tmp_path / "seven.ckpt", "teacher_checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------ the callback
+def fit_with_regeneration(
+    root: Path,
+    network: torch.nn.Module,
+    datamodule: Any,
+    callback: PseudoLabelRegeneration,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[Trainer, SelfTraining]:
+    task = SelfTraining(network=network, lambda_sa=0.0, lr=1e-3)
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": str(root),
+        "callbacks": [callback],
+        "enable_checkpointing": False,
+    }
+    options.update(trainer_kwargs)
+    trainer = Trainer(**options)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, task
+
+
+def test_callback_generations_and_resume(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
+    calls: list[int] = []
+    real_generate = callback_module.generate_pseudo_labels
+
+    def counting_generate(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["signature"]["generation"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "generate_pseudo_labels", counting_generate)
+    # 4 target images, batch 1 -> 4 steps an epoch; generations of 4 steps; a checkpoint at step 6 (generation 2).
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
+                                       num_generations=2, steps_per_generation=4, num_workers=0)
+    datamodule = toy_datamodule()
+    trainer, task = fit_with_regeneration(
+        tmp_path, tiny_network(), datamodule, callback, max_steps=8, callbacks=[callback, checkpoint],
+        enable_checkpointing=True,
+    )
+    assert calls == [1, 2]
+    assert trainer.global_step == 8
+    assert callback.generation == 2 and datamodule.pseudo_label_root == str(tmp_path / "labels" / "generation_2")
+    assert task.schedule_origin == 4 and task.schedule_steps == 4  # the schedule restarted with generation 2
+    gen1 = read_labels(tmp_path / "labels" / "generation_1")
+    assert len(gen1) == 4 and len(read_labels(tmp_path / "labels" / "generation_2")) == 4
+
+    # Resume from the mid-generation-2 checkpoint: generation 2 labels are reused, nothing is regenerated.
+    calls.clear()
+    resumed_callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
+                                               num_generations=2, steps_per_generation=4, num_workers=0)
+    resumed_dm = toy_datamodule()
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved, "no mid-run checkpoint"
+    trainer, _ = fit_with_regeneration(
+        tmp_path, tiny_network(), resumed_dm, resumed_callback, max_steps=8, ckpt_path=str(saved[0])
+    )
+    assert calls == []
+    assert resumed_callback.generation == 2
+    assert resumed_dm.pseudo_label_root == str(tmp_path / "labels" / "generation_2")
+    assert trainer.global_step == 8
+
+
+def test_callback_rejects_misaligned_generations(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+    teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
+    callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
+                                       num_generations=2, steps_per_generation=3, num_workers=0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(), callback, max_steps=6)
+
+
+def test_callback_missing_teacher(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+    callback = PseudoLabelRegeneration(teacher_checkpoint=str(tmp_path / "nope.ckpt"), num_workers=0)
+    with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
+        fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(), callback, max_steps=1)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+    teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
+    folders = {}
+    for devices in (1, 2):
+        out = tmp_path / f"labels_{devices}"
+        callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(out), num_workers=0)
+        strategy = "ddp_spawn" if devices == 2 else "auto"
+        fit_with_regeneration(
+            tmp_path / f"run_{devices}", tiny_network(), toy_datamodule(batch_size=1), callback, max_steps=1,
+            devices=devices, strategy=strategy,
+        )
+        folders[devices] = out / "generation_1"
+    one, two = read_labels(folders[1]), read_labels(folders[2])
+    assert one.keys() == two.keys() and len(one) == 4
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name])
+    records = [json.loads((folders[d] / "thresholds.json").read_text()) for d in (1, 2)]
+    assert [r["num_processes"] for r in records] == [1, 2]
+    assert records[0]["thresholds"] == records[1]["thresholds"]
+    stats = [json.loads((folders[d] / "statistics.json").read_text()) for d in (1, 2)]
+    assert stats[0] == stats[1]
