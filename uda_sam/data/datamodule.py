@@ -7,13 +7,38 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
 from uda_sam.data.synthia import Synthia
 from uda_sam.data.transforms import check_scale, check_size
+
+
+class EpochSampler(Sampler[int]):
+    """``num_samples`` indices per epoch: reshuffled passes over a dataset of ``size`` items, cycling as needed.
+
+    The order depends only on ``seed`` and how many epochs were drawn, so every DDP rank draws the same sequence
+    (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share).
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int = 0) -> None:
+        self.size = size
+        self.num_samples = num_samples
+        self.seed = seed
+        self._epochs_drawn = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self._epochs_drawn)
+        self._epochs_drawn += 1
+        passes = -(-self.num_samples // self.size)
+        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
+        return iter(order[: self.num_samples].tolist())
 
 
 class UDADataModule(LightningDataModule):
@@ -52,6 +77,11 @@ class UDADataModule(LightningDataModule):
         val_limit: evaluate on the first ``val_limit`` validation images only (``None`` = all 500).
         source_list_file: optional list of source image names (one per line) instead of every file.
         target_list_file: optional list of Cityscapes train image names instead of every file.
+        target_labels: masks of the target training images: ``"pseudo"`` (the pseudo labels, or all 255 before
+            any exist; the UDA setting) or ``"gt"`` (the Cityscapes ground truth: the target-supervised "Oracle").
+        steps_per_epoch: if set, every training epoch is exactly this many steps (each domain draws
+            ``steps_per_epoch x batch_size`` images per process, reshuffled, cycling through its set), so that
+            generation boundaries of :class:`~uda_sam.callbacks.PseudoLabelRegeneration` can fall on epoch ends.
     """
 
     def __init__(
@@ -77,6 +107,8 @@ class UDADataModule(LightningDataModule):
         val_limit: int | None = None,
         source_list_file: str | None = None,
         target_list_file: str | None = None,
+        target_labels: Literal["pseudo", "gt"] = "pseudo",
+        steps_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         if source not in ("gta5", "synthia"):
@@ -92,6 +124,10 @@ class UDADataModule(LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if target_labels not in ("pseudo", "gt"):
+            raise ValueError(f"target_labels must be 'pseudo' or 'gt', got {target_labels!r}")
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
         if val_limit is not None and (not isinstance(val_limit, int) or val_limit < 1):
             raise ValueError(f"val_limit must be a positive integer or None, got {val_limit!r}")
         self.save_hyperparameters()
@@ -116,6 +152,8 @@ class UDADataModule(LightningDataModule):
         self.val_limit = val_limit
         self.source_list_file = source_list_file
         self.target_list_file = target_list_file
+        self.target_labels = target_labels
+        self.steps_per_epoch = steps_per_epoch
 
         self.source_train: Dataset | None = None
         self.target_train: Cityscapes | None = None
@@ -149,8 +187,8 @@ class UDADataModule(LightningDataModule):
             self.target_root,
             split="train",
             size=self.target_size,
-            labels="none",
-            pseudo_label_root=self.pseudo_label_root,
+            labels="gt" if self.target_labels == "gt" else "none",
+            pseudo_label_root=self.pseudo_label_root if self.target_labels == "pseudo" else None,
             list_file=self.target_list_file,
             **self._augment(),
         )
@@ -213,11 +251,12 @@ class UDADataModule(LightningDataModule):
             )
 
     # -------------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -229,23 +268,46 @@ class UDADataModule(LightningDataModule):
             raise RuntimeError(f"UDADataModule.setup({stage!r}) must run before asking for its dataloader")
         return dataset
 
+    def _epoch_loader(self, dataset: Dataset, seed: int) -> DataLoader:
+        num_samples = self.steps_per_epoch * self.batch_size * self._world_size()  # type: ignore[operator]
+        sampler = EpochSampler(len(dataset), num_samples, seed)  # type: ignore[arg-type]
+        return self._loader(dataset, self.batch_size, train=True, sampler=sampler)
+
     def train_dataloader(self) -> CombinedLoader:
-        """``CombinedLoader({"source": ..., "target": ...}, "max_size_cycle")``, shuffled, incomplete batches dropped."""
+        """``CombinedLoader({"source": ..., "target": ...}, "max_size_cycle")``, shuffled, incomplete batches dropped.
+
+        With ``steps_per_epoch`` both domains yield exactly that many batches per epoch.
+        """
         source = self._require(self.source_train, "fit")
         target = self._require(self.target_train, "fit")
-        loaders = {
-            "source": self._loader(source, self.batch_size, train=True),
-            "target": self._loader(target, self.batch_size, train=True),
-        }
+        if self.steps_per_epoch is not None:
+            seed = torch.initial_seed() % 2**31
+            loaders = {"source": self._epoch_loader(source, seed), "target": self._epoch_loader(target, seed + 1)}
+        else:
+            loaders = {
+                "source": self._loader(source, self.batch_size, train=True),
+                "target": self._loader(target, self.batch_size, train=True),
+            }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            # Every image exactly once across processes: Lightning's default DistributedSampler would repeat some
+            # images to pad the last batch, and the summed confusion matrix would count them twice.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return self._loader(dataset, self.val_batch_size, train=False, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader:
-        """Cityscapes val with ground truth."""
-        return self._loader(self._require(self.val_dataset, "validate"), self.val_batch_size, train=False)
+        """Cityscapes val with ground truth; under DDP each image is evaluated by exactly one process."""
+        return self._eval_loader(self._require(self.val_dataset, "validate"))
 
     def test_dataloader(self) -> DataLoader:
         """Cityscapes val with ground truth (the test split has no public labels)."""
-        return self._loader(self._require(self.val_dataset, "test"), self.val_batch_size, train=False)
+        return self._eval_loader(self._require(self.val_dataset, "test"))
 
     def predict_dataloader(self) -> DataLoader:
         """Cityscapes val images (masks from ground truth where present)."""

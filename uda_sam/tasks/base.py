@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
 
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, NUM_CLASSES
 from uda_sam.metrics import SegmentationMetrics, format_iou_table
@@ -160,6 +161,8 @@ class SegmentationTask(LightningModule):
         }
         self.val_metrics = SegmentationMetrics(num_classes=NUM_CLASSES)
         self.test_metrics = self.val_metrics.clone()
+        # Image-weighted mean losses: exact under DDP even when processes hold different numbers of images.
+        self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self._examples: list[ValidationExample] = []
 
     # ------------------------------------------------------------------------------------------- forward
@@ -309,8 +312,8 @@ class SegmentationTask(LightningModule):
         logits = self.network.upsample_logits(self(image), tuple(mask.shape[-2:]))
         preds = logits.argmax(dim=1)
         metrics.update(preds, mask)
-        loss = segmentation_loss(logits, mask)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(image))
+        self.eval_losses[stage].update(segmentation_loss(logits, mask), weight=len(image))
+        self.log(f"{stage}/loss", self.eval_losses[stage], on_step=False, on_epoch=True)
         return preds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -55,6 +55,8 @@ class SelfTraining(SegmentationTask):
             or ``"both"`` (sum of the two terms).
         feature_sam_path: SAM pretrained on the feature layer (``SAMPretraining`` with ``layer: feature``).
         use_target: Train on the target pseudo labels (3); ``False`` = source only ("No Pseudo").
+        use_source: Train on the source labels (1); ``False`` with ``use_target`` and the datamodule's
+            ``target_labels: gt`` is the target-supervised "Oracle" upper bound.
         **kwargs: Optimiser, schedule and evaluation options of :class:`~uda_sam.tasks.SegmentationTask`.
 
     Raises:
@@ -75,12 +77,15 @@ class SelfTraining(SegmentationTask):
         sa_layer: Literal["prediction", "feature", "both"] = "prediction",
         feature_sam_path: str | None = None,
         use_target: bool = True,
+        use_source: bool = True,
         **kwargs: Any,
     ) -> None:
         check_choice("sa_target", sa_target, SA_TARGETS)
         check_choice("sa_domains", sa_domains, SA_DOMAINS)
         check_choice("sa_distance", sa_distance, SA_DISTANCES)
         check_choice("sa_layer", sa_layer, SA_LAYERS)
+        if not (use_source or use_target):
+            raise ValueError("use_source and use_target are both False: there is nothing to train on")
         if not lambda_sa >= 0:
             raise ValueError(f"lambda_sa must be >= 0 (0 = Pseudo-Only), got {lambda_sa!r}")
         super().__init__(network, **kwargs)
@@ -90,6 +95,7 @@ class SelfTraining(SegmentationTask):
         self.sa_distance: SelfAttentionDistance = sa_distance
         self.sa_layer = sa_layer
         self.use_target = bool(use_target)
+        self.use_source = bool(use_source)
 
         self.sam: SelfAttentionModule | None = None
         self.feature_sam: SelfAttentionModule | None = None
@@ -170,9 +176,11 @@ class SelfTraining(SegmentationTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """One step of (10) / (11); every term is logged separately."""
         source, target = self.split_batch(batch)
-        logits_s, features_s = self._run(source["image"])
-        terms: dict[str, Tensor] = {"loss_seg_source": self.segmentation_loss(logits_s, source["mask"])}
-        total = terms["loss_seg_source"]
+        terms: dict[str, Tensor] = {}
+        logits_s = features_s = None
+        if self.use_source:
+            logits_s, features_s = self._run(source["image"])
+            terms["loss_seg_source"] = self.segmentation_loss(logits_s, source["mask"])
         if self.use_target or self.lambda_sa > 0:
             if target is None:
                 raise ValueError(
@@ -182,13 +190,14 @@ class SelfTraining(SegmentationTask):
             logits_t, features_t = self._run(target["image"])
             if self.use_target:
                 terms["loss_seg_target"] = self.segmentation_loss(logits_t, target["mask"])
-                total = total + terms["loss_seg_target"]
             if self.lambda_sa > 0:
-                attention = terms["loss_sa_target"] = self.self_attention_term(logits_t, features_t)
-                if self.sa_domains == "both":
+                terms["loss_sa_target"] = self.self_attention_term(logits_t, features_t)
+                if self.sa_domains == "both" and logits_s is not None:
                     terms["loss_sa_source"] = self.self_attention_term(logits_s, features_s)
-                    attention = attention + terms["loss_sa_source"]
-                total = total + self.lambda_sa * attention
+        total = sum(v for k, v in terms.items() if k.startswith("loss_seg"))
+        attention = [v for k, v in terms.items() if k.startswith("loss_sa")]
+        if attention:
+            total = total + self.lambda_sa * sum(attention)
         self.log_losses(total, terms, batch_size=len(source["image"]))
         return total
 

@@ -1,0 +1,133 @@
+"""`uda-sam pipeline`: the toy protocol end to end at the smallest size, resume, and refusals before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uda_sam.cli import main
+from uda_sam.pipeline import PipelineConfigError, load_pipeline_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "configs" / "toy"
+
+
+def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
+    """The shipped toy pipeline, shrunk: the session's tiny toy set, 2 steps per stage, 1 generation + 1."""
+    config = yaml.safe_load((TOY / "pipeline.yaml").read_text())
+    for stage in ("no_pseudo", "sam_pretraining", "oracle"):
+        if stage in config:
+            config[stage]["config"] = str(TOY / Path(config[stage]["config"]).name)
+    for setting in config["settings"]:
+        setting["config"] = str(TOY / Path(setting["config"]).name)
+    config.pop("toy_data", None)
+    config["output_dir"] = str(tmp_path / "out")
+    config["common_args"] = [
+        f"--data.source_root={toy_root / 'gta5'}",
+        f"--data.target_root={toy_root / 'cityscapes'}",
+        "--data.source_size=[72,40]",
+        "--data.target_size=[64,32]",
+        "--data.batch_size=1",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+    ]
+    config.update(changes)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = pipeline_file(tmp_path, toy_root, generations=2)
+    assert main(["pipeline", "--config", str(path)]) == 0
+    out = tmp_path / "out"
+    seed = out / "seed_0"
+    config = load_pipeline_config(path)
+
+    # Every stage's artefacts exist.
+    assert (seed / "no_pseudo" / "checkpoints" / "last.ckpt").is_file()
+    assert (seed / "sam_pretraining" / "sam.pt").is_file()
+    for setting in ("pseudo_only", "ours_8_10"):
+        for generation in (1, 2):
+            stage = seed / setting / f"generation_{generation}"
+            assert (stage / "checkpoints" / "last.ckpt").is_file()
+            labels = stage / "pseudo_labels" / f"generation_{generation}"
+            assert (labels / "thresholds.json").is_file() and (labels / "statistics.json").is_file()
+            assert len(list(labels.rglob("*.png"))) == 4
+            result = json.loads((stage / "result.json").read_text())
+            assert 0.0 <= result["metrics"]["val/mIoU"] <= 1.0
+
+    # Generation 2's labels come from generation 1's network.
+    record = json.loads((seed / "pseudo_only" / "generation_2" / "pseudo_labels" / "generation_2" / "thresholds.json").read_text())
+    assert record["signature"]["teacher"] == str(seed / "pseudo_only" / "generation_1" / "checkpoints" / "last.ckpt")
+
+    # The table parses: a row per setting, a column per generation, numbers in percent.
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[-2:] == ["gen 1", "gen 2"]
+    body = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:4])}
+    assert set(body) == {"No Pseudo", "Pseudo-Only", "Ours (8)&(10)"}
+    for name in ("Pseudo-Only", "Ours (8)&(10)"):
+        assert all(0.0 <= float(v) <= 100.0 for v in body[name][1:])
+    assert float(body["No Pseudo"][0]) >= 0.0
+    printed = capsys.readouterr().out
+    assert "Checkpoints:" in printed and "SAM weights" in printed and str(out / "results.md") in printed
+    assert len(config.settings) == 2
+
+    # A second run resumes: every stage is skipped.
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert printed.count("[skip]") == 0 and capsys.readouterr().out.count("[skip]") == 6
+
+
+def test_refuses_a_folder_of_another_config(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"source_file": "other.yaml", "record": {"something": "else"}}))
+    path = pipeline_file(tmp_path, toy_root)
+    assert main(["pipeline", "--config", str(path)]) == 2
+    assert "another pipeline configuration" in capsys.readouterr().err
+    (out / "pipeline.json").unlink()
+    (out / "stray.txt").write_text("x")
+    assert main(["pipeline", "--config", str(path)]) == 2
+    assert "was not made by" in capsys.readouterr().err
+
+
+def test_refuses_inconsistent_stages(tmp_path: Path, toy_root: Path) -> None:
+    path = pipeline_file(tmp_path, toy_root)
+    config = yaml.safe_load(path.read_text())
+    del config["sam_pretraining"]
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(PipelineConfigError, match="no `sam_pretraining` stage"):
+        load_pipeline_config(path)
+
+    config = yaml.safe_load(pipeline_file(tmp_path, toy_root).read_text())
+    config["settings"][0]["args"] = ["--model.init_args.network.init_args.num_classes=7"]
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(PipelineConfigError, match="disagree on the number of classes"):
+        load_pipeline_config(path)
+
+    config["settings"][0]["args"] = []
+    config["settings"][0]["config"] = str(tmp_path / "missing.yaml")
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(PipelineConfigError, match="does not exist"):
+        load_pipeline_config(path)
+
+    config = yaml.safe_load(pipeline_file(tmp_path, toy_root).read_text())
+    config["sttings"] = config.pop("settings")
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(PipelineConfigError, match="unknown keys"):
+        load_pipeline_config(path)
+
+
+def test_shipped_pipelines_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # stage configs are named relative to the repository root
+    for path in sorted((REPO / "configs").glob("*/pipeline.yaml")):
+        config = load_pipeline_config(path)
+        assert config.settings and config.generations >= 1
