@@ -1,4 +1,4 @@
-"""Label tables and the colouriser of uda_sam.data.labels, checked against DATASETS.md."""
+"""Label tables and the colouriser of uda_sam.data.labels, checked against docs/DATASETS.md."""
 
 from __future__ import annotations
 

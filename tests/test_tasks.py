@@ -1,4 +1,4 @@
-"""The Lightning tasks: loss terms of METHOD.md, frozen SAM, schedule/resume, generations, SAM files, evaluation."""
+"""The Lightning tasks: loss terms of docs/METHOD.md, frozen SAM, schedule/resume, generations, SAM files, evaluation."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``uda-sam pipeline``: the paper's whole protocol from one YAML file.
 
-Stages, in order, each an ordinary ``fit`` of a shipped config (METHOD.md):
+Stages, in order, each an ordinary ``fit`` of a shipped config (docs/METHOD.md):
 
 1. ``no_pseudo`` (stage 0): source only; its network makes generation 1's pseudo labels.
 2. ``sam_pretraining`` (stage 1): a network and the SAM trained jointly on the source; the SAM file is kept.
@@ -155,7 +155,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     return config
 
 
-def _config_value(stage: StageConfig, dotted: str, default: Any) -> Any:
+def _config_value(stage: StageConfig, dotted: str, default: Any, extra_args: Sequence[str] = ()) -> Any:
     """The value a stage's config files and arguments give a dotted key (last one wins), without instantiating."""
     value = default
     for config in stage.config:
@@ -164,10 +164,14 @@ def _config_value(stage: StageConfig, dotted: str, default: Any) -> Any:
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
             value = node
-    for arg in stage.args:
+    for arg in [*stage.args, *extra_args]:
         key, _, raw = arg.lstrip("-").partition("=")
-        if key == dotted and raw:
-            value = yaml.safe_load(raw)
+        if not raw or not (dotted == key or dotted.startswith(key + ".")):
+            continue
+        node = yaml.safe_load(raw)  # e.g. --trainer.logger=false replaces the whole logger
+        for part in dotted[len(key) :].strip(".").split(".") if dotted != key else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = default if node is None else node
     return value
 
 
@@ -184,12 +188,14 @@ def _check_consistency(config: PipelineConfig, path: Path) -> None:
         raise PipelineConfigError(f"{path}: the stages disagree on the number of classes: {counts}")
     for setting in config.settings:
         lambda_sa = float(_config_value(setting, "model.init_args.lambda_sa", 0.0) or 0.0)
-        if (setting.uses_sam or lambda_sa > 0) and config.sam_pretraining is None:
+        # "No Conv" uses a parameter-free SAM: it needs no trained SAM file.
+        trained_sam = _config_value(setting, "model.init_args.sam_use_conv", True) is not False
+        setting.uses_sam = setting.uses_sam or (lambda_sa > 0 and trained_sam)
+        if setting.uses_sam and config.sam_pretraining is None:
             raise PipelineConfigError(
                 f"{path}: setting {setting.name!r} uses the self-attention loss (lambda_sa={lambda_sa}) but the "
                 "pipeline has no `sam_pretraining` stage to train the SAM"
             )
-        setting.uses_sam = setting.uses_sam or lambda_sa > 0
 
 
 def _owner_record(config: PipelineConfig) -> dict[str, Any]:
@@ -285,11 +291,15 @@ def run_stage(
     args = [a for c in stage.config for a in ("--config", c)]
     args += [*stage.args, *extra_args, f"--seed_everything={seed}", f"--trainer.default_root_dir={stage_dir}"]
     # Everything a stage writes goes to its own folder, whatever paths its config names.
-    if str(_config_value(stage, "trainer.logger.class_path", "")).endswith("WandbLogger"):
+    if str(_config_value(stage, "trainer.logger.class_path", "", extra_args)).endswith("WandbLogger"):
         args += [f"--trainer.logger.init_args.save_dir={stage_dir}", f"--trainer.logger.init_args.name={name} (seed {seed})"]
     if str(_config_value(stage, "model.class_path", "")).endswith("SAMPretraining"):
         args.append(f"--model.init_args.sam_export_path={stage_dir / 'sam.pt'}")
-    cli = UDASamCLI(args=args, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments are `args`, not this command's
+    try:
+        cli = UDASamCLI(args=args, run=False)
+    finally:
+        sys.argv = argv
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
 
     has_checkpointing = False

@@ -1,6 +1,6 @@
 """Class-wise confidence thresholds for pseudo labels, in memory independent of the number of images.
 
-METHOD.md, "Losses of plain self-training" and Appendix C: for every class ``c``, ``tau[c]`` is the median
+docs/METHOD.md, "Losses of plain self-training" and Appendix C: for every class ``c``, ``tau[c]`` is the median
 confidence of all target pixels predicted as ``c`` (over the whole target set), capped at 0.9; a class that is
 never predicted gets 0.9. A pixel keeps its predicted class when ``conf >= tau[class]`` and becomes 255 otherwise.
 
@@ -237,7 +237,7 @@ def threshold_predictions(
 
 @torch.no_grad()
 def make_pseudo_labels(probs: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
-    """Pseudo-label maps (trainIds) from softmax probabilities and class-wise thresholds (METHOD.md eq. 2).
+    """Pseudo-label maps (trainIds) from softmax probabilities and class-wise thresholds (docs/METHOD.md eq. 2).
 
     Args:
         probs: ``(B, C, H, W)`` softmax probabilities.

@@ -1,7 +1,7 @@
 """Write tiny fake GTA5, SYNTHIA and Cityscapes trees in their exact on-disk formats.
 
 Each writer returns the expected trainId mask of every sample (keyed by sample name), computed here from the
-tables of DATASETS.md written out by hand, independently of ``uda_sam.data.labels``. Labels are 8x8-pixel blocks
+tables of docs/DATASETS.md written out by hand, independently of ``uda_sam.data.labels``. Labels are 8x8-pixel blocks
 of ids, so a 2x nearest downscale keeps every block. Run as a script to write all three under a folder::
 
     python tests/data/fake_datasets.py OUT_DIR
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# Cityscapes labelId -> trainId (DATASETS.md); ids not listed -> 255.
+# Cityscapes labelId -> trainId (docs/DATASETS.md); ids not listed -> 255.
 LABEL_TO_TRAIN = {
     7: 0,
     8: 1,
@@ -39,7 +39,7 @@ LABEL_TO_TRAIN = {
     32: 17,
     33: 18,
 }
-# SYNTHIA id -> trainId (DATASETS.md); ids not listed -> 255.
+# SYNTHIA id -> trainId (docs/DATASETS.md); ids not listed -> 255.
 SYNTHIA_TO_TRAIN = {
     3: 0,
     4: 1,

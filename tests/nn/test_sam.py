@@ -1,4 +1,4 @@
-"""Tests of the self-attention module against METHOD.md equations (4)-(7)."""
+"""Tests of the self-attention module against docs/METHOD.md equations (4)-(7)."""
 
 from __future__ import annotations
 

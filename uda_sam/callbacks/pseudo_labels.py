@@ -1,4 +1,4 @@
-"""Regenerate class-wise thresholded pseudo labels at every generation of self-training (METHOD.md, Sec. 5.3)."""
+"""Regenerate class-wise thresholded pseudo labels at every generation of self-training (docs/METHOD.md, Sec. 5.3)."""
 
 from __future__ import annotations
 

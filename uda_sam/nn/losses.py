@@ -1,4 +1,4 @@
-"""Losses of METHOD.md: segmentation cross-entropy (1)/(3) and the self-attention loss (8)/(9) with its variants."""
+"""Losses of docs/METHOD.md: segmentation cross-entropy (1)/(3) and the self-attention loss (8)/(9) with its variants."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _check_logits(logits: Tensor, name: str = "logits") -> None:
 def segmentation_loss(
     logits: Tensor, labels: Tensor, ignore_index: int = 255, align_corners: bool = True
 ) -> Tensor:
-    """Pixel-wise cross-entropy of ``softmax(up(P))`` against labels, METHOD.md (1) and (3).
+    """Pixel-wise cross-entropy of ``softmax(up(P))`` against labels, docs/METHOD.md (1) and (3).
 
     The logits are upsampled bilinearly to the label size when the sizes differ. The mean runs over the labelled
     (not ``ignore_index``) pixels of the whole batch; a batch with no labelled pixel gives 0 (still attached to the
@@ -74,13 +74,13 @@ def self_attention_loss(
     target: SelfAttentionTarget = "residual",
     distance: SelfAttentionDistance = "l2",
 ) -> Tensor:
-    """Self-attention loss of METHOD.md (8)/(9): pull ``P`` towards what a frozen SAM makes of it.
+    """Self-attention loss of docs/METHOD.md (8)/(9): pull ``P`` towards what a frozen SAM makes of it.
 
     The target is ``sg(P + SAM(P))`` for ``"residual"`` (8) or ``sg(SAM(P))`` for ``"attended"`` (9), computed under
     ``torch.no_grad()`` from a detached ``P``: the gradient reaches the network only through the first argument
     ``P`` and ``sam`` receives none (its train/eval mode is left as the caller set it). Distances (Tab. A.5):
 
-    - ``"l2"``: mean squared error over all elements of ``P`` (METHOD.md's ``||.||^2``).
+    - ``"l2"``: mean squared error over all elements of ``P`` (docs/METHOD.md's ``||.||^2``).
     - ``"kl"``: ``KL(softmax(target_i) || softmax(P_i))`` over classes for each pixel row ``i``, mean over the
       ``B * h * w`` pixels.
     - ``"cosine"``: ``1 - cos(P_i, target_i)`` per pixel row, mean over pixels (the paper's negative cosine

@@ -1,4 +1,4 @@
-"""The self-attention module (SAM) of METHOD.md, equations (4)-(7), and its attention kernels.
+"""The self-attention module (SAM) of docs/METHOD.md, equations (4)-(7), and its attention kernels.
 
 For logits ``P`` of shape ``(B, C, h, w)`` (``N = h * w`` pixel rows of ``C`` logits each)::
 
@@ -246,7 +246,7 @@ def relu_cosine_attention(
 class SelfAttentionModule(nn.Module):
     """SAM: mixes every pixel's logits with those of the pixels whose (transformed) logits point the same way.
 
-    ``forward(P) = Â P`` with ``Â = rownorm(relu(cos(Q_i, Q_j)))`` and ``Q = Conv(P)`` (METHOD.md (4)-(7)).
+    ``forward(P) = Â P`` with ``Â = rownorm(relu(cos(Q_i, Q_j)))`` and ``Q = Conv(P)`` (docs/METHOD.md (4)-(7)).
     The skip connection ``P + P_sa`` and the losses belong to the caller (see ``self_attention_loss``).
 
     Choices: the transform is one ``nn.Conv2d`` with bias and "same" padding (odd kernels only), initialised with

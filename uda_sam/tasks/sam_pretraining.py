@@ -17,7 +17,7 @@ __all__ = ["SAMPretraining"]
 
 
 class SAMPretraining(SegmentationTask):
-    """Train a network ``f1`` and a SAM jointly, by one optimiser, on labelled source batches (METHOD.md stage 1).
+    """Train a network ``f1`` and a SAM jointly, by one optimiser, on labelled source batches (docs/METHOD.md stage 1).
 
     The loss is the cross-entropy (1) of ``up(P + SAM(P))`` (skip connection, the default) or of ``up(SAM(P))``
     ("No skip-connection" ablation). Target batches are ignored. Validation, test and prediction score that same

@@ -21,9 +21,9 @@ SA_LAYERS = ("prediction", "feature", "both")
 
 
 class SelfTraining(SegmentationTask):
-    """A new network trained on source labels, target pseudo labels and the self-attention loss (METHOD.md stage 2).
+    """A new network trained on source labels, target pseudo labels and the self-attention loss (docs/METHOD.md stage 2).
 
-    Objective (METHOD.md (10) / (11))::
+    Objective (docs/METHOD.md (10) / (11))::
 
         L = L_seg(s) + L_seg(t) + lambda_sa * (L_sa(s) + L_sa(t))    # sa_domains="both"
         L = L_seg(s) + L_seg(t) + lambda_sa * L_sa(t)                # sa_domains="target"
