@@ -1,27 +1,28 @@
-"""Time the self-training step three ways: a plain PyTorch loop, ``SelfTraining`` through ``Trainer``, and bf16.
+"""Time the self-training step three ways: plain PyTorch, ``SelfTraining`` through ``Trainer``, and bf16.
 
-One step is the stage-2 objective of docs/METHOD.md (10) with the residual target (8): one source image with labels
-and one target image with pseudo labels, ``L = L_seg(s) + L_seg(t) + lambda * (L_sa(s) + L_sa(t))`` with a frozen SAM
-(``lambda = 0.1``), SGD (momentum 0.9, weight decay 5e-4, lr 2.5e-4, classifier 10x, fused on CUDA) built from the
-package's parameter groups, and the poly schedule stepped every iteration. Variants (``--variants``):
+One step is the stage-2 objective of docs/METHOD.md (10) with the residual target (8): one source image with
+labels and one target image with pseudo labels, ``L = L_seg(s) + L_seg(t) + lambda * (L_sa(s) + L_sa(t))`` with a
+frozen SAM (``lambda = 0.1``), SGD (momentum 0.9, weight decay 5e-4, lr 2.5e-4, classifier 10x, fused on CUDA)
+built from the package's parameter groups, and the poly schedule stepped every iteration. Variants
+(``--variants``):
 
 - ``plain-<prec>``: the same network, optimiser and losses in a loop written here (``torch.autocast`` for bf16);
-- ``lightning-<prec>``: :class:`uda_sam.tasks.SelfTraining` through ``lightning.Trainer`` (``precision="32-true"`` or
-  ``"bf16-mixed"``; no logger, checkpointing, validation nor progress bar), timed by a callback;
-- ``...-nosam``: the same with ``lambda = 0`` (the SAM is neither built nor run), giving the SAM's share of the step;
+- ``lightning-<prec>``: :class:`uda_sam.tasks.SelfTraining` through ``lightning.Trainer`` (``precision="32-true"``
+  or ``"bf16-mixed"``; no logger, checkpointing, validation nor progress bar), timed by a callback;
+- ``...-nosam``: the same with ``lambda = 0`` (the SAM is neither built nor run): the SAM's share of the step;
 - ``lightning-<prec>-stage0`` / ``-stage1``: the source-only steps of stage 0 (``SegmentationTask``) and of SAM
   pretraining (``SAMPretraining``), the other two step kinds of the full pipeline;
 - ``...-compile``: the network compiled in place with ``torch.compile`` (``--compile`` adds the bf16 pair).
 
 Every variant starts from the same weights (one seeded network with ``pretrained=None``, made trainable by
-:func:`prepare_random_network`: residual-branch BatchNorm scales 0.1, statistics measured on random images) and sees the same
-batch at every step: random normalised images and blocky random labels (35 % of the target pseudo labels set to 255),
-pinned in host memory and copied to the device every iteration, as a data loader's batch would be.
+:func:`prepare_random_network`: residual-branch BatchNorm scales 0.1, statistics measured on random images) and
+sees the same batch at every step: random normalised images and blocky random labels (35 % of the target pseudo
+labels set to 255), pinned in host memory and copied to the device every iteration, as a loader's batch would be.
 
-Timing: CUDA is synchronised at the start and at the end of every step. ``ms/step`` is the median of the step itself
-(Lightning: ``on_train_batch_start`` -> ``on_train_batch_end``, which includes the optimiser and scheduler steps;
-plain loop: forward -> optimiser and scheduler steps), ``ms/iteration`` the median time between two step starts
-(adds fetching the batch, the host-to-device copy and the loop's own work). Peak GPU memory is
+Timing: CUDA is synchronised at the start and at the end of every step. ``ms/step`` is the median of the step
+itself (Lightning: ``on_train_batch_start`` -> ``on_train_batch_end``, which includes the optimiser and scheduler
+steps; plain loop: forward -> optimiser and scheduler steps), ``ms/iteration`` the median time between two step
+starts (adds fetching the batch, the host-to-device copy and the loop's own work). Peak GPU memory is
 ``torch.cuda.max_memory_allocated`` over one variant (reset before it). The total losses of the first steps are
 compared between fp32 and bf16. On CUDA one warm-up step per variant also runs under
 ``torch.cuda.set_sync_debug_mode("warn")`` to list the operations that make the host wait for the GPU.
@@ -33,8 +34,8 @@ Usage (from the repository root)::
 
     python benchmarks/train_step.py                            # all default variants
     python benchmarks/train_step.py --size 2048 1024 --variants lightning-bf16 lightning-bf16-nosam plain-bf16
-    python benchmarks/train_step.py --compile                  # adds plain-bf16-compile and lightning-bf16-compile
-    python benchmarks/train_step.py --source-size 1280 720     # the paper's GTA5 source size (for projections)
+    python benchmarks/train_step.py --compile                  # adds plain-bf16-compile, lightning-bf16-compile
+    python benchmarks/train_step.py --source-size 1280 720     # the paper's GTA5 source size (projections)
 
 Writes ``benchmarks/results/train_step_<machine>[_<size>][_src<size>][_compile].md``.
 """
@@ -224,10 +225,11 @@ def prepare_random_network(
 ) -> None:
     """Make a randomly initialised DeepLabV2 trainable with frozen BatchNorm, as a stand-in for ImageNet weights.
 
-    With BatchNorm frozen at its initial statistics (mean 0, variance 1) activations grow block after block and the
-    first SGD steps diverge (the loss reaches inf within 4 steps), which would make the fp32/bf16 loss comparison
-    meaningless. So the last BatchNorm of every residual branch gets the scale 0.1 (as in SkipInit/Fixup) and all
-    statistics are measured on random images. This changes values only, never the work of a step.
+    With BatchNorm frozen at its initial statistics (mean 0, variance 1) activations grow block after block and
+    the first SGD steps diverge (ResNet18 at 256x128: the loss reached inf at step 4), which would make the
+    fp32/bf16 loss comparison meaningless. So the last BatchNorm of every residual branch gets the scale 0.1 (as in
+    SkipInit/Fixup) and all statistics are measured on random images. This changes values only, never the work of
+    a step.
     """
     for block in network.backbone.modules():
         if isinstance(block, Bottleneck):
@@ -318,19 +320,24 @@ def summarise(
 def self_training_loss(
     network: DeepLabV2, sam: SelfAttentionModule | None, batch: dict[str, dict[str, Tensor]], lambda_sa: float
 ) -> Tensor:
-    """docs/METHOD.md (10) with the residual target (8), written directly against ``uda_sam.nn``."""
+    """docs/METHOD.md (10) with the residual target (8), written directly against ``uda_sam.nn``.
+
+    The operations run in the order of ``SelfTraining.training_step``.
+    """
     source, target = batch["source"], batch["target"]
     logits_s = network(source["image"])
-    logits_t = network(target["image"])
-    total = segmentation_loss(
+    seg_s = segmentation_loss(
         network.upsample_logits(logits_s, tuple(source["mask"].shape[-2:])), source["mask"]
     )
-    total = total + segmentation_loss(
+    logits_t = network(target["image"])
+    seg_t = segmentation_loss(
         network.upsample_logits(logits_t, tuple(target["mask"].shape[-2:])), target["mask"]
     )
-    if sam is not None:
-        total = total + lambda_sa * (self_attention_loss(logits_t, sam) + self_attention_loss(logits_s, sam))
-    return total
+    if sam is None:
+        return seg_s + seg_t
+    return (
+        seg_s + seg_t + lambda_sa * (self_attention_loss(logits_t, sam) + self_attention_loss(logits_s, sam))
+    )
 
 
 def run_plain(setup: Setup, variant: Variant) -> Result:
@@ -763,7 +770,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|GPU available but not used"
-                            r"|Tensor Cores|LightningDataModule|val_dataloader|in eval mode at the start).*")  # fmt: skip
+                            r"|Tensor Cores|LightningDataModule|val_dataloader|in eval mode at the start|LeafSpec).*")  # fmt: skip
 
     info = machine_info(device)
     sync_capture_ok = None

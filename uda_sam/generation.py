@@ -27,13 +27,13 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -43,6 +43,8 @@ from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, PseudoLabelStatis
 __all__ = ["GenerationResult", "ProcessGroup", "generate_pseudo_labels", "read_finished_generation"]
 
 THRESHOLDS_FILE = "thresholds.json"
+#: Threads that write cache files and encode label PNGs (zlib releases the GIL) while the network runs.
+IO_THREADS = 4
 STATISTICS_FILE = "statistics.json"
 
 
@@ -234,7 +236,7 @@ def generate_pseudo_labels(
     group.barrier()
 
     record = {
-        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist())},
+        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist(), strict=True)},
         "signature": signature,
         "num_processes": group.world_size,
     }
@@ -274,34 +276,64 @@ def _infer_and_cache(
     )
     estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
     cached: list[tuple[Path, str]] = []
+    pending: list[Future] = []
+    writer = ThreadPoolExecutor(IO_THREADS)
     bar = _progress_bar(len(loader), enabled=progress and group.rank == 0, world_size=group.world_size)
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"]
-        with _autocast(device, autocast_dtype):
-            logits = network(images)
-            if isinstance(logits, tuple):
-                logits = logits[0]
-            if logits.shape[1] != num_classes:
-                raise ValueError(f"the network predicts {logits.shape[1]} classes, expected {num_classes}")
-            logits = network.upsample_logits(logits, tuple(masks.shape[-2:]))
-        probs = torch.softmax(logits.float(), dim=1)
-        confidence, predicted = probs.max(dim=1)
-        estimator.update_from_predictions(confidence, predicted)
-        bins = (confidence * num_bins).long().clamp_(0, num_bins - 1)
-        stacked = torch.stack([predicted, bins], dim=1).to(torch.int32).cpu().numpy()
-        for i, name in enumerate(batch["name"]):
-            path = cache_dir / f"r{group.rank}_{len(cached):08d}.npz"
-            np.savez(
-                path,
-                predicted=stacked[i, 0].astype(np.uint8),
-                bins=stacked[i, 1].astype(np.uint16),
-                gt=masks[i].numpy().astype(np.uint8),
+    try:
+        for batch in loader:
+            _infer_batch(
+                batch, network, device, autocast_dtype, num_classes, num_bins, estimator, cache_dir, group, cached,
+                pending, writer,
             )
-            cached.append((path, name))
-        bar.update(1)
-    bar.close()
+            # Bound the writes in flight (and so the host memory they hold).
+            while len(pending) > 4 * IO_THREADS:
+                pending.pop(0).result()
+            bar.update(1)
+        for future in pending:
+            future.result()
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
     return estimator, cached
+
+
+def _infer_batch(
+    batch: dict[str, Any],
+    network: nn.Module,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    num_classes: int,
+    num_bins: int,
+    estimator: ClasswiseThresholdEstimator,
+    cache_dir: Path,
+    group: ProcessGroup,
+    cached: list[tuple[Path, str]],
+    pending: list[Future],
+    writer: ThreadPoolExecutor,
+) -> None:
+    """Run one batch, feed the histogram and queue the cache writes of its images."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"]
+    with _autocast(device, autocast_dtype):
+        logits = network(images)
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"the network predicts {logits.shape[1]} classes, expected {num_classes}")
+        logits = network.upsample_logits(logits, tuple(masks.shape[-2:]))
+    confidence, predicted = torch.softmax(logits.float(), dim=1).max(dim=1)
+    estimator.update_from_predictions(confidence, predicted)
+    bins = (confidence * num_bins).long().clamp_(0, num_bins - 1)
+    stacked = torch.stack([predicted, bins], dim=1).to(torch.int32).cpu().numpy()
+    for i, name in enumerate(batch["name"]):
+        path = cache_dir / f"r{group.rank}_{len(cached):08d}.npz"
+        arrays = {
+            "predicted": stacked[i, 0].astype(np.uint8),
+            "bins": stacked[i, 1].astype(np.uint16),
+            "gt": masks[i].numpy().astype(np.uint8),
+        }
+        pending.append(writer.submit(np.savez, path, **arrays))
+        cached.append((path, name))
 
 
 def _write_labels(
@@ -314,16 +346,22 @@ def _write_labels(
 ) -> dict[str, Any]:
     """Pass 2: cached predictions -> label PNGs; returns the statistics summed over all ranks."""
     threshold_bins = torch.round(thresholds.double() * num_bins).long().numpy()
-    stats = PseudoLabelStatistics(num_classes)
-    for path, name in cached:
+
+    def label_one(item: tuple[Path, str]) -> tuple[np.ndarray, np.ndarray]:
+        path, name = item
         with np.load(path) as arrays:
             predicted, bins, gt = arrays["predicted"], arrays["bins"], arrays["gt"]
         labels = np.where(bins >= threshold_bins[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
         save_label_png(labels, tmp_dir / f"{name}.png")
-        gt_tensor = torch.from_numpy(gt.astype(np.int64))
-        has_gt = bool((gt_tensor != IGNORE_INDEX).any())
-        stats.update(torch.from_numpy(labels.astype(np.int64)), gt_tensor if has_gt else None)
         path.unlink()
+        return labels, gt
+
+    stats = PseudoLabelStatistics(num_classes)
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        for labels, gt in pool.map(label_one, cached):
+            gt_tensor = torch.from_numpy(gt.astype(np.int64))
+            has_gt = bool((gt_tensor != IGNORE_INDEX).any())
+            stats.update(torch.from_numpy(labels.astype(np.int64)), gt_tensor if has_gt else None)
     stats.counts = group.reduce_sum(stats.counts.to(group.device)).cpu()
     stats.total_pixels = group.reduce_sum(stats.total_pixels.to(group.device)).cpu()
     per_class = stats.as_records(thresholds, CLASS_NAMES[:num_classes])

@@ -12,7 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from uda_sam.generation import GenerationResult, ProcessGroup, generate_pseudo_labels, read_finished_generation
+from uda_sam.generation import (
+    GenerationResult,
+    ProcessGroup,
+    generate_pseudo_labels,
+    read_finished_generation,
+)
 
 __all__ = ["PseudoLabelRegeneration", "load_network_weights"]
 

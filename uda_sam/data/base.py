@@ -77,6 +77,52 @@ def read_list_file(list_file: str | Path, strip_suffixes: Sequence[str]) -> list
     return names
 
 
+def select_names(
+    images: dict[str, Path],
+    image_dir: Path,
+    list_file: str | Path | None,
+    suffixes: Sequence[str],
+    limit: int | None,
+    empty_message: str,
+) -> list[str]:
+    """The sample names to use: those of ``list_file`` (all must exist), else every image sorted; then ``limit``.
+
+    Raises:
+        FileNotFoundError: if listed images are missing, or there is no image at all (``empty_message``).
+    """
+    if list_file is not None:
+        names = read_list_file(list_file, suffixes)
+        absent = [n for n in names if n not in images]
+        if absent:
+            raise FileNotFoundError(
+                f"{len(absent)} of {len(names)} images named in list_file {list_file} are missing from "
+                f"{image_dir}: {summarize(absent)}"
+            )
+    else:
+        names = sorted(images)
+    if not names:
+        raise FileNotFoundError(empty_message)
+    return names[: check_limit(limit)]
+
+
+def paired_samples(
+    names: Sequence[str], images: dict[str, Path], label_dir: Path, what: str, layout: str
+) -> list[SampleFiles]:
+    """One :class:`SampleFiles` per name with its label ``label_dir/{name}.png``, which must exist.
+
+    Raises:
+        FileNotFoundError: naming how many (and which) images lack their label file.
+    """
+    samples = [SampleFiles(n, images[n], label_dir / f"{n}.png") for n in names]
+    unlabeled = [s.name for s in samples if not s.label.is_file()]  # type: ignore[union-attr]
+    if unlabeled:
+        raise FileNotFoundError(
+            f"{len(unlabeled)} of {len(names)} {what} images have no label file in {label_dir}: "
+            f"{summarize(unlabeled)}; expected layout: {layout}"
+        )
+    return samples
+
+
 def check_limit(limit: int | None) -> int | None:
     """Validate a sample-count limit (``None`` or a positive int)."""
     if limit is not None and (not isinstance(limit, int) or limit <= 0):

@@ -251,7 +251,9 @@ class UDADataModule(LightningDataModule):
             )
 
     # -------------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, train: bool, sampler: Sampler | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -282,7 +284,10 @@ class UDADataModule(LightningDataModule):
         target = self._require(self.target_train, "fit")
         if self.steps_per_epoch is not None:
             seed = torch.initial_seed() % 2**31
-            loaders = {"source": self._epoch_loader(source, seed), "target": self._epoch_loader(target, seed + 1)}
+            loaders = {
+                "source": self._epoch_loader(source, seed),
+                "target": self._epoch_loader(target, seed + 1),
+            }
         else:
             loaders = {
                 "source": self._loader(source, self.batch_size, train=True),

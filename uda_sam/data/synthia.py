@@ -7,14 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uda_sam.data.base import (
-    SampleFiles,
-    SegmentationDataset,
-    check_limit,
-    read_list_file,
-    require_dir,
-    summarize,
-)
+from uda_sam.data.base import SegmentationDataset, paired_samples, require_dir, select_names
 from uda_sam.data.io import read_rgb, read_synthia_label
 from uda_sam.data.labels import SYNTHIA_ID_TO_TRAIN_ID
 from uda_sam.data.transforms import Normalization
@@ -64,29 +57,15 @@ class Synthia(SegmentationDataset):
         label_dir = require_dir(self.root / "GT" / "LABELS", "SYNTHIA label folder", LAYOUT)
 
         images = {p.stem: p for p in image_dir.glob("*.png") if p.is_file()}
-        if list_file is not None:
-            names = read_list_file(list_file, (".png",))
-            absent = [n for n in names if n not in images]
-            if absent:
-                raise FileNotFoundError(
-                    f"{len(absent)} of {len(names)} images named in list_file {list_file} are missing from "
-                    f"{image_dir}: {summarize(absent)}"
-                )
-        else:
-            names = sorted(images)
-        if not names:
-            raise FileNotFoundError(
-                f"SYNTHIA image folder {image_dir} holds no PNG images; expected layout: {LAYOUT}"
-            )
-        names = names[: check_limit(limit)]
-
-        self.samples = [SampleFiles(n, images[n], label_dir / f"{n}.png") for n in names]
-        unlabeled = [s.name for s in self.samples if not s.label.is_file()]
-        if unlabeled:
-            raise FileNotFoundError(
-                f"{len(unlabeled)} of {len(names)} SYNTHIA images have no label file in {label_dir}: "
-                f"{summarize(unlabeled)}; expected layout: {LAYOUT}"
-            )
+        names = select_names(
+            images,
+            image_dir,
+            list_file,
+            (".png",),
+            limit,
+            f"SYNTHIA image folder {image_dir} holds no PNG images; expected layout: {LAYOUT}",
+        )
+        self.samples = paired_samples(names, images, label_dir, "SYNTHIA", LAYOUT)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask."""
