@@ -188,7 +188,13 @@ class SegmentationTask(LightningModule):
         )
         values = {f"train/{name}": value.detach() for name, value in terms.items()}
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
-        if self._trainer is not None and self.trainer.optimizers:
+        # Learning rates are Python floats: logging one makes a host-to-device copy, which waits for the GPU.
+        # Log them only on the steps the logger writes.
+        if (
+            self._trainer is not None
+            and self.trainer.optimizers
+            and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+        ):
             for index, group in enumerate(self.trainer.optimizers[0].param_groups):
                 name = group.get("name", str(index))
                 self.log(
