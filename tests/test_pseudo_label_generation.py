@@ -233,3 +233,29 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path, tiny_network: Callab
     assert records[0]["thresholds"] == records[1]["thresholds"]
     stats = [json.loads((folders[d] / "statistics.json").read_text()) for d in (1, 2)]
     assert stats[0] == stats[1]
+
+
+# ------------------------------------------------------------------------------------------ the offline command
+def test_offline_pseudo_label_command(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from uda_sam.cli import main
+    from uda_sam.nn import DeepLabV2
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "pseudo_only.yaml"
+    data = tmp_path / "data.yaml"
+    data.write_text(
+        f"data:\n  source_root: {toy_root / 'gta5'}\n  target_root: {toy_root / 'cityscapes'}\n"
+        "  source_size: [72, 40]\n  target_size: [64, 32]\n"
+    )
+    torch.manual_seed(0)
+    checkpoint = teacher_checkpoint(tmp_path / "teacher.ckpt", DeepLabV2(19, backbone="resnet18", freeze_bn=False))
+    out = tmp_path / "labels" / "generation_1"
+    args = ["pseudo-label", "--config", str(config), "--config", str(data), "--num-workers", "0", "--output", str(out)]
+    assert main([*args, "--checkpoint", str(checkpoint)]) == 0
+    assert len(read_labels(out)) == 4 and (out / "thresholds.json").is_file()
+    assert "pseudo-label maps" in capsys.readouterr().out
+
+    # The same run again reuses the folder; a missing checkpoint is refused with a message naming the option.
+    assert main([*args, "--checkpoint", str(checkpoint)]) == 0
+    assert "Reused" in capsys.readouterr().out
+    assert main([*args, "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
