@@ -116,7 +116,7 @@ def test_bad_input(tmp_path: Path, tiny_network: Callable, toy_datamodule: Calla
     with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
         callback_module.load_network_weights(tiny_network(), tmp_path / "missing.ckpt", "teacher_checkpoint")
     torch.save({"state_dict": {"sam.transform.weight": torch.zeros(1)}}, tmp_path / "sam.ckpt")
-    with pytest.raises(ValueError, match="no segmentation network weights"):
+    with pytest.raises(ValueError, match="no network weights"):
         callback_module.load_network_weights(tiny_network(), tmp_path / "sam.ckpt", "teacher_checkpoint")
     teacher_checkpoint(tmp_path / "seven.ckpt", tiny_network(num_classes=7))
     with pytest.raises(ValueError, match="number of classes"):

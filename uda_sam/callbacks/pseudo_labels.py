@@ -18,6 +18,7 @@ from uda_sam.generation import (
     generate_pseudo_labels,
     read_finished_generation,
 )
+from uda_sam.tasks.sam_io import network_state_dict
 
 __all__ = ["PseudoLabelRegeneration", "load_network_weights"]
 
@@ -34,27 +35,14 @@ def load_network_weights(network: torch.nn.Module, checkpoint_path: str | Path, 
         FileNotFoundError: If the file does not exist.
         ValueError: If it is not a uda-sam network checkpoint or its weights do not fit ``network``.
     """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{option}: no checkpoint at {path} (expected a Lightning .ckpt of a uda-sam task)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"{option}: {path} is not a readable PyTorch checkpoint ({error})") from error
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    weights = {k[len("network.") :]: v for k, v in (state or {}).items() if k.startswith("network.")}
-    if not weights:
-        raise ValueError(
-            f"{option}: {path} holds no segmentation network weights (expected a Lightning checkpoint of a "
-            "uda-sam task, whose state_dict has 'network.*' keys)"
-        )
+    weights = network_state_dict(checkpoint_path, option)
     expected = network.state_dict()
     mismatched = [k for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
     missing = sorted(set(expected) - set(weights))
     if mismatched or missing:
         detail = f"shape mismatch in {mismatched[:3]}" if mismatched else f"missing keys {missing[:3]}"
         raise ValueError(
-            f"{option}: the network in {path} does not fit the configured network ({detail}); "
+            f"{option}: the network in {checkpoint_path} does not fit the configured network ({detail}); "
             "check the number of classes and the backbone"
         )
     network.load_state_dict(weights, strict=False)
