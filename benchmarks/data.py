@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import PIL
 import torch
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 from PIL import Image
 
 from uda_sam.data import GTA5, Cityscapes, Synthia
@@ -35,16 +36,6 @@ from uda_sam.data.labels import LABEL_ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID_PAI
 from uda_sam.data.toy import render_scene
 
 DISTINCT_FILES = 4  # distinct images per dataset; the timed loop cycles over them
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_slug(model: str, cores: int) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 from torch.utils.data import DataLoader
 
 from uda_sam.data import Cityscapes
@@ -91,17 +91,13 @@ def main() -> int:
     if args.worker is not None:  # one measurement in a fresh process, printed as JSON for the parent
         print(json.dumps(measure(args, args.worker)))
         return 0
-    torch.set_num_threads(torch.get_num_threads())
     rows = []
     for count in args.image_counts:
         command = [sys.executable, __file__, *sys.argv[1:], "--worker", str(count)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(rows[-1], flush=True)
-    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    if not cuda:
-        cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        device_name = (cpu[0].split(":", 1)[1].strip() if cpu else device_name) + f", {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if cuda else f"{cpu_model()}, {torch.get_num_threads()} threads"
     lines = [
         "# Pseudo-label generation with a network vs plain inference",
         "",

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 
 try:
     from uda_sam.nn import SelfAttentionModule
@@ -154,20 +155,13 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if hasattr(os, "getloadavg"):
         info["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
         info["ram_gib"] = round(mem_kib / 2**20, 1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,19 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 from torch import nn
 
 from uda_sam.data import CLASS_NAMES, GTA5, NUM_CLASSES, Cityscapes, make_toy_data
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_all(dataset) -> tuple[torch.Tensor, torch.Tensor]:

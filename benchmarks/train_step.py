@@ -74,6 +74,7 @@ except ImportError:  # running from a checkout without installing the package
 
 import lightning
 from lightning.pytorch import Callback, LightningModule, Trainer
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss, self_attention_loss
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
@@ -483,16 +484,6 @@ def run_variant(setup: Setup, variant: Variant, root: Path) -> Result:
         result.peak_mib = torch.cuda.max_memory_allocated(device) / MIB
     gc.collect()
     return result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def slug(text: str) -> str:
