@@ -79,7 +79,7 @@ from machine import cpu_model  # benchmarks/machine.py (the script's folder is o
 from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss, self_attention_loss
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import build_optimizer, lr_factor, trainable_param_groups
-from uda_sam.tasks.sam_io import load_sam, save_sam
+from uda_sam.sam_io import load_sam, save_sam
 
 MIB = 2**20
 NUM_CLASSES = 19

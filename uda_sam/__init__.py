@@ -1,19 +1,146 @@
 """uda-sam: unsupervised domain adaptation for semantic segmentation with a self-attention module (SAM).
 
-Import the parts you need; importing the package itself stays light (no Lightning, no datasets):
+The public API is the names in ``__all__``; each is importable from the top level::
+
+    from uda_sam import SelfAttentionModule, SelfAttentionLoss, load_sam, self_attention_loss
+
+Names are resolved on first use, so ``import uda_sam`` stays light: the plain-PyTorch parts (the SAM, its losses,
+:func:`load_sam`, the networks, the threshold estimator) never import Lightning; the datamodule, the tasks and the
+callbacks do. The sub-packages hold the rest:
 
 - :mod:`uda_sam.nn`: the SAM, its losses and the segmentation networks (plain PyTorch).
-- :mod:`uda_sam.data`: dataset readers, the UDA datamodule and the toy domain pair.
-- :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.cli`: the ``uda-sam`` command.
+- :mod:`uda_sam.data`: label tables, dataset readers, the UDA datamodule and the toy domain pair.
+- :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.callbacks`: the Lightning callbacks.
+- :mod:`uda_sam.cli`: the ``uda-sam`` command.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__: str = version("uda-sam")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from uda_sam.callbacks import (
+        AttentionVisualization,
+        EntropyAnalysisCallback,
+        PredictionWriter,
+        PseudoLabelRegeneration,
+        SelfAttentionLoss,
+    )
+    from uda_sam.data import (
+        CLASS_NAMES,
+        GTA5,
+        IGNORE_INDEX,
+        NUM_CLASSES,
+        Cityscapes,
+        SegmentationTransform,
+        Synthia,
+        UDADataModule,
+        make_toy_data,
+    )
+    from uda_sam.metrics import SegmentationMetrics
+    from uda_sam.nn import (
+        DeepLabV2,
+        FCN8s,
+        SelfAttentionModule,
+        relu_cosine_similarity,
+        segmentation_loss,
+        self_attention_loss,
+    )
+    from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, PseudoLabelStatistics, make_pseudo_labels
+    from uda_sam.sam_io import load_sam, network_state_dict, save_sam
+    from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    # The self-attention module and its losses (plain PyTorch).
+    "SelfAttentionModule": "uda_sam.nn",
+    "self_attention_loss": "uda_sam.nn",
+    "segmentation_loss": "uda_sam.nn",
+    "relu_cosine_similarity": "uda_sam.nn",
+    "load_sam": "uda_sam.sam_io",
+    "save_sam": "uda_sam.sam_io",
+    "network_state_dict": "uda_sam.sam_io",
+    # Networks.
+    "DeepLabV2": "uda_sam.nn",
+    "FCN8s": "uda_sam.nn",
+    # Data.
+    "GTA5": "uda_sam.data",
+    "Synthia": "uda_sam.data",
+    "Cityscapes": "uda_sam.data",
+    "UDADataModule": "uda_sam.data",
+    "SegmentationTransform": "uda_sam.data",
+    "make_toy_data": "uda_sam.data",
+    "CLASS_NAMES": "uda_sam.data",
+    "NUM_CLASSES": "uda_sam.data",
+    "IGNORE_INDEX": "uda_sam.data",
+    # Pseudo labels.
+    "ClasswiseThresholdEstimator": "uda_sam.pseudo_labels",
+    "make_pseudo_labels": "uda_sam.pseudo_labels",
+    "PseudoLabelStatistics": "uda_sam.pseudo_labels",
+    # Metrics.
+    "SegmentationMetrics": "uda_sam.metrics",
+    # Lightning: tasks and callbacks.
+    "SegmentationTask": "uda_sam.tasks",
+    "SAMPretraining": "uda_sam.tasks",
+    "SelfTraining": "uda_sam.tasks",
+    "SelfAttentionLoss": "uda_sam.callbacks",
+    "PseudoLabelRegeneration": "uda_sam.callbacks",
+    "PredictionWriter": "uda_sam.callbacks",
+    "EntropyAnalysisCallback": "uda_sam.callbacks",
+    "AttentionVisualization": "uda_sam.callbacks",
+}
+
+__all__ = [
+    "__version__",
+    "SelfAttentionModule",
+    "self_attention_loss",
+    "segmentation_loss",
+    "relu_cosine_similarity",
+    "load_sam",
+    "save_sam",
+    "network_state_dict",
+    "DeepLabV2",
+    "FCN8s",
+    "GTA5",
+    "Synthia",
+    "Cityscapes",
+    "UDADataModule",
+    "SegmentationTransform",
+    "make_toy_data",
+    "CLASS_NAMES",
+    "NUM_CLASSES",
+    "IGNORE_INDEX",
+    "ClasswiseThresholdEstimator",
+    "make_pseudo_labels",
+    "PseudoLabelStatistics",
+    "SegmentationMetrics",
+    "SegmentationTask",
+    "SAMPretraining",
+    "SelfTraining",
+    "SelfAttentionLoss",
+    "PseudoLabelRegeneration",
+    "PredictionWriter",
+    "EntropyAnalysisCallback",
+    "AttentionVisualization",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'uda_sam' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

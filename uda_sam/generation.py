@@ -127,7 +127,9 @@ def _check_reusable(label_dir: Path, signature: dict[str, Any], reuse: bool) -> 
         return None
     recorded = json.loads((label_dir / THRESHOLDS_FILE).read_text()).get("signature", {})
     if not reuse:
-        raise FileExistsError(f"{label_dir} already holds a finished pseudo-label generation; refusing to overwrite it.")
+        raise FileExistsError(
+            f"{label_dir} already holds a finished pseudo-label generation; refusing to overwrite it."
+        )
     if recorded != signature:
         differing = sorted(k for k in set(recorded) | set(signature) if recorded.get(k) != signature.get(k))
         raise FileExistsError(
@@ -206,7 +208,9 @@ def generate_pseudo_labels(
     if len(dataset) == 0:
         raise ValueError("the target dataset for pseudo labels holds no images")
     if not math.isclose(cap * num_bins, round(cap * num_bins)):
-        raise ValueError(f"cap * num_bins must be an integer so that the cap is a bin edge, got {cap} * {num_bins}")
+        raise ValueError(
+            f"cap * num_bins must be an integer so that the cap is a bin edge, got {cap} * {num_bins}"
+        )
 
     finished = _check_reusable(label_dir, signature, reuse_existing)
     group.barrier()
@@ -224,8 +228,18 @@ def generate_pseudo_labels(
     network.eval()
     try:
         estimator, cached = _infer_and_cache(
-            network, dataset, cache_dir, num_classes, num_bins, cap, batch_size, num_workers, device,
-            autocast_dtype, group, progress,
+            network,
+            dataset,
+            cache_dir,
+            num_classes,
+            num_bins,
+            cap,
+            batch_size,
+            num_workers,
+            device,
+            autocast_dtype,
+            group,
+            progress,
         )
     finally:
         network.train(was_training)
@@ -236,7 +250,9 @@ def generate_pseudo_labels(
     group.barrier()
 
     record = {
-        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist(), strict=True)},
+        "thresholds": {
+            name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist(), strict=True)
+        },
         "signature": signature,
         "num_processes": group.world_size,
     }
@@ -271,7 +287,10 @@ def _infer_and_cache(
     # Shard by index, not with DistributedSampler: it pads with repeated images, which would be counted twice.
     shard = Subset(dataset, range(group.rank, len(dataset), group.world_size))
     loader = DataLoader(
-        shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        shard,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
     estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
@@ -282,8 +301,18 @@ def _infer_and_cache(
     try:
         for batch in loader:
             _infer_batch(
-                batch, network, device, autocast_dtype, num_classes, num_bins, estimator, cache_dir, group, cached,
-                pending, writer,
+                batch,
+                network,
+                device,
+                autocast_dtype,
+                num_classes,
+                num_bins,
+                estimator,
+                cache_dir,
+                group,
+                cached,
+                pending,
+                writer,
             )
             # Bound the writes in flight (and so the host memory they hold).
             while len(pending) > 4 * IO_THREADS:

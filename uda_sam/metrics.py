@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -154,7 +155,7 @@ class SegmentationMetrics(Metric):
         num_classes: int = NUM_CLASSES,
         ignore_index: int = IGNORE_INDEX,
         class_subsets: Mapping[str, Sequence[int]] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:

@@ -83,16 +83,30 @@ class PipelineConfig:
     source_file: str = ""
 
 
-_TOP_KEYS = {"output_dir", "no_pseudo", "sam_pretraining", "settings", "oracle", "generations", "seeds", "toy_data", "common_args"}
+_TOP_KEYS = {
+    "output_dir",
+    "no_pseudo",
+    "sam_pretraining",
+    "settings",
+    "oracle",
+    "generations",
+    "seeds",
+    "toy_data",
+    "common_args",
+}
 _STAGE_KEYS = {"config", "args", "name", "uses_sam", "generations"}
 
 
 def _stage(raw: Any, where: str, path: Path) -> StageConfig:
     if not isinstance(raw, dict) or "config" not in raw:
-        raise PipelineConfigError(f"{path}: `{where}` must be a mapping with a `config` entry (a YAML path or a list of them)")
+        raise PipelineConfigError(
+            f"{path}: `{where}` must be a mapping with a `config` entry (a YAML path or a list of them)"
+        )
     unknown = set(raw) - _STAGE_KEYS
     if unknown:
-        raise PipelineConfigError(f"{path}: `{where}` has unknown keys {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}")
+        raise PipelineConfigError(
+            f"{path}: `{where}` has unknown keys {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}"
+        )
     configs = raw["config"] if isinstance(raw["config"], list) else [raw["config"]]
     base = path.parent
     resolved = []
@@ -106,9 +120,14 @@ def _stage(raw: Any, where: str, path: Path) -> StageConfig:
         resolved.append(str(candidate))
     args = raw.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise PipelineConfigError(f"{path}: `{where}.args` must be a list of CLI argument strings like '--trainer.max_steps=10'")
+        raise PipelineConfigError(
+            f"{path}: `{where}.args` must be a list of CLI argument strings like '--trainer.max_steps=10'"
+        )
     return StageConfig(
-        config=resolved, args=list(args), name=str(raw.get("name", where)), uses_sam=bool(raw.get("uses_sam", False)),
+        config=resolved,
+        args=list(args),
+        name=str(raw.get("name", where)),
+        uses_sam=bool(raw.get("uses_sam", False)),
         generations=raw.get("generations"),
     )
 
@@ -143,7 +162,9 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         output_dir=str(raw["output_dir"]),
         no_pseudo=_stage(raw["no_pseudo"], "no_pseudo", path),
         settings=settings,
-        sam_pretraining=_stage(raw["sam_pretraining"], "sam_pretraining", path) if raw.get("sam_pretraining") else None,
+        sam_pretraining=_stage(raw["sam_pretraining"], "sam_pretraining", path)
+        if raw.get("sam_pretraining")
+        else None,
         oracle=_stage(raw["oracle"], "oracle", path) if raw.get("oracle") else None,
         generations=int(raw.get("generations", 1)),
         seeds=[int(s) for s in raw.get("seeds", [0])],
@@ -183,7 +204,9 @@ def _check_consistency(config: PipelineConfig, path: Path) -> None:
         stages.append(("sam_pretraining", config.sam_pretraining))
     if config.oracle is not None:
         stages.append(("oracle", config.oracle))
-    counts = {name: _config_value(s, "model.init_args.network.init_args.num_classes", 19) for name, s in stages}
+    counts = {
+        name: _config_value(s, "model.init_args.network.init_args.num_classes", 19) for name, s in stages
+    }
     if len(set(counts.values())) > 1:
         raise PipelineConfigError(f"{path}: the stages disagree on the number of classes: {counts}")
     for setting in config.settings:
@@ -222,7 +245,9 @@ def _claim_output_dir(config: PipelineConfig) -> Path:
                 f"use another output_dir for {config.source_file}, or delete {out} to start over"
             )
     elif out.exists() and any(out.iterdir()):
-        raise PipelineConfigError(f"{out} exists, is not empty and was not made by `uda-sam pipeline`; choose another output_dir")
+        raise PipelineConfigError(
+            f"{out} exists, is not empty and was not made by `uda-sam pipeline`; choose another output_dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     owner_file.write_text(json.dumps({"source_file": config.source_file, "record": record}, indent=2))
     return out
@@ -292,7 +317,10 @@ def run_stage(
     args += [*stage.args, *extra_args, f"--seed_everything={seed}", f"--trainer.default_root_dir={stage_dir}"]
     # Everything a stage writes goes to its own folder, whatever paths its config names.
     if str(_config_value(stage, "trainer.logger.class_path", "", extra_args)).endswith("WandbLogger"):
-        args += [f"--trainer.logger.init_args.save_dir={stage_dir}", f"--trainer.logger.init_args.name={name} (seed {seed})"]
+        args += [
+            f"--trainer.logger.init_args.save_dir={stage_dir}",
+            f"--trainer.logger.init_args.name={name} (seed {seed})",
+        ]
     if str(_config_value(stage, "model.class_path", "")).endswith("SAMPretraining"):
         args.append(f"--model.init_args.sam_export_path={stage_dir / 'sam.pt'}")
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments are `args`, not this command's
@@ -310,13 +338,17 @@ def run_stage(
             has_checkpointing = True
         if isinstance(callback, PseudoLabelRegeneration):
             if teacher is None:
-                raise PipelineConfigError(f"stage {name!r} makes pseudo labels but the pipeline has no teacher for it")
+                raise PipelineConfigError(
+                    f"stage {name!r} makes pseudo labels but the pipeline has no teacher for it"
+                )
             callback.teacher_checkpoint = teacher
             callback.output_dir = stage_dir / "pseudo_labels"
             callback.first_generation = generation
             callback.num_generations = 1
     if not has_checkpointing:
-        raise PipelineConfigError(f"stage {name!r}: its config has no ModelCheckpoint callback; add one with save_last: true")
+        raise PipelineConfigError(
+            f"stage {name!r}: its config has no ModelCheckpoint callback; add one with save_last: true"
+        )
 
     last = checkpoint_dir / "last.ckpt"
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -326,7 +358,8 @@ def run_stage(
 
     sam_file = model.resolve_export_path() if hasattr(model, "resolve_export_path") else None
     label_dir = next(
-        (c.label_dir for c in trainer.callbacks if isinstance(c, PseudoLabelRegeneration) and c.label_dir), None
+        (c.label_dir for c in trainer.callbacks if isinstance(c, PseudoLabelRegeneration) and c.label_dir),
+        None,
     )
     result = StageResult(
         name=name,
@@ -388,7 +421,9 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
     sam_file = None
     if config.sam_pretraining is not None:
         banner("SAM pretraining (source only)")
-        sam_stage = run_stage("SAM pretraining", seed_dir / "sam_pretraining", config.sam_pretraining, common, seed)
+        sam_stage = run_stage(
+            "SAM pretraining", seed_dir / "sam_pretraining", config.sam_pretraining, common, seed
+        )
         sam_file = sam_stage.sam or sam_stage.checkpoint
 
     for setting in config.settings:
@@ -401,7 +436,13 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
                 wiring.append(f"--model.init_args.sam_path={sam_file}")
             stage_dir = seed_dir / _slug(setting.name) / f"generation_{generation}"
             result = run_stage(
-                f"{setting.name} gen {generation}", stage_dir, setting, wiring, seed, teacher=teacher, generation=generation
+                f"{setting.name} gen {generation}",
+                stage_dir,
+                setting,
+                wiring,
+                seed,
+                teacher=teacher,
+                generation=generation,
             )
             results[setting.name][generation] = result
             teacher = result.checkpoint
@@ -429,7 +470,9 @@ def format_results(per_seed: dict[int, dict[str, dict[int, StageResult]]], metri
     seeds = sorted(per_seed)
     rows = list(next(iter(per_seed.values())).keys())
     max_gen = max((g for row in per_seed[seeds[0]].values() for g in row), default=0)
-    header = ["setting"] + (["mIoU"] if max_gen == 0 else ["mIoU (single stage)"] + [f"gen {g}" for g in range(1, max_gen + 1)])
+    header = ["setting"] + (
+        ["mIoU"] if max_gen == 0 else ["mIoU (single stage)"] + [f"gen {g}" for g in range(1, max_gen + 1)]
+    )
     lines = [
         f"Target mIoU (%) on the validation split, {len(seeds)} seed(s) {seeds}"
         + (" (mean ± standard deviation)" if len(seeds) > 1 else ""),
@@ -440,7 +483,11 @@ def format_results(per_seed: dict[int, dict[str, dict[int, StageResult]]], metri
     for row in rows:
         cells = [row]
         for generation in [0, *range(1, max_gen + 1)]:
-            values = [per_seed[s][row][generation].metrics.get(metric, float("nan")) for s in seeds if generation in per_seed[s][row]]
+            values = [
+                per_seed[s][row][generation].metrics.get(metric, float("nan"))
+                for s in seeds
+                if generation in per_seed[s][row]
+            ]
             cells.append(_mean_spread(values) if values else "")
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -475,7 +522,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
     results_md.write_text(table)
     _atomic_write_json(
         out / "results.json",
-        {str(s): {row: {str(g): asdict(r) for g, r in gens.items()} for row, gens in rows.items()} for s, rows in per_seed.items()},
+        {
+            str(s): {row: {str(g): asdict(r) for g, r in gens.items()} for row, gens in rows.items()}
+            for s, rows in per_seed.items()
+        },
     )
 
     print("\n" + table)
@@ -505,7 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline YAML file (e.g. configs/toy/pipeline.yaml)")
     parser.add_argument("--output-dir", help="override the file's output_dir")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
-    parser.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="CLI arguments added to every stage")
+    parser.add_argument(
+        "--args", nargs=argparse.REMAINDER, default=[], help="CLI arguments added to every stage"
+    )
     options = parser.parse_args(argv)
     try:
         config = load_pipeline_config(options.config)

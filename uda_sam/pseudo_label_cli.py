@@ -53,10 +53,16 @@ def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Make one generation of class-wise thresholded pseudo labels from a checkpoint (offline)."""
     parser = argparse.ArgumentParser(prog="uda-sam pseudo-label", description=main.__doc__)
-    parser.add_argument("--config", action="append", required=True, help="training config(s) giving `data` and the network")
-    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint whose network makes the labels")
+    parser.add_argument(
+        "--config", action="append", required=True, help="training config(s) giving `data` and the network"
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="Lightning checkpoint whose network makes the labels"
+    )
     parser.add_argument("--output", required=True, help="the generation's folder (created atomically)")
-    parser.add_argument("--cap", type=float, default=0.9, help="upper bound of the class-wise thresholds (default 0.9)")
+    parser.add_argument(
+        "--cap", type=float, default=0.9, help="upper bound of the class-wise thresholds (default 0.9)"
+    )
     parser.add_argument("--num-bins", type=int, default=1000, help="confidence-histogram bins (default 1000)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -95,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     share = result.statistics.get("labelled_share", float("nan"))
-    print(f"{'Reused' if result.reused else 'Wrote'} {len(dataset)} pseudo-label maps in {result.label_dir} ({share:.1%} of pixels labelled)")
+    print(
+        f"{'Reused' if result.reused else 'Wrote'} {len(dataset)} pseudo-label maps in {result.label_dir} ({share:.1%} of pixels labelled)"
+    )
     for record in result.statistics.get("classes", []):
         precision = record.get("precision")
         print(

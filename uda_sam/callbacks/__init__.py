@@ -6,5 +6,12 @@ from uda_sam.callbacks.attention import AttentionVisualization
 from uda_sam.callbacks.entropy import EntropyAnalysisCallback
 from uda_sam.callbacks.prediction_writer import PredictionWriter
 from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
+from uda_sam.callbacks.self_attention_loss import SelfAttentionLoss
 
-__all__ = ["AttentionVisualization", "EntropyAnalysisCallback", "PredictionWriter", "PseudoLabelRegeneration"]
+__all__ = [
+    "AttentionVisualization",
+    "EntropyAnalysisCallback",
+    "PredictionWriter",
+    "PseudoLabelRegeneration",
+    "SelfAttentionLoss",
+]

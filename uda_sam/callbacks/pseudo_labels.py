@@ -18,12 +18,14 @@ from uda_sam.generation import (
     generate_pseudo_labels,
     read_finished_generation,
 )
-from uda_sam.tasks.sam_io import network_state_dict
+from uda_sam.sam_io import network_state_dict
 
 __all__ = ["PseudoLabelRegeneration", "load_network_weights"]
 
 
-def load_network_weights(network: torch.nn.Module, checkpoint_path: str | Path, option: str = "checkpoint") -> None:
+def load_network_weights(
+    network: torch.nn.Module, checkpoint_path: str | Path, option: str = "checkpoint"
+) -> None:
     """Load the ``network.*`` weights of a uda-sam Lightning checkpoint into ``network``.
 
     Args:
@@ -126,9 +128,13 @@ class PseudoLabelRegeneration(Callback):
         datamodule = trainer.datamodule
         for method in ("target_inference_dataset", "set_pseudo_label_root"):
             if not hasattr(datamodule, method):
-                raise ValueError(f"PseudoLabelRegeneration needs a datamodule with `{method}()` (UDADataModule)")
+                raise ValueError(
+                    f"PseudoLabelRegeneration needs a datamodule with `{method}()` (UDADataModule)"
+                )
         if self.num_generations > 1 and self.reinitialize and not hasattr(pl_module, "start_new_generation"):
-            raise ValueError("PseudoLabelRegeneration(reinitialize=True) needs a task with `start_new_generation()`")
+            raise ValueError(
+                "PseudoLabelRegeneration(reinitialize=True) needs a task with `start_new_generation()`"
+            )
         if self.steps_per_generation is None:
             if trainer.max_steps is None or trainer.max_steps < 1:
                 raise ValueError("PseudoLabelRegeneration: set trainer.max_steps or steps_per_generation")
@@ -150,7 +156,9 @@ class PseudoLabelRegeneration(Callback):
             return
         teacher = copy.deepcopy(pl_module.network)
         if self.teacher_checkpoint is not None:
-            load_network_weights(teacher, self.teacher_checkpoint, "PseudoLabelRegeneration.teacher_checkpoint")
+            load_network_weights(
+                teacher, self.teacher_checkpoint, "PseudoLabelRegeneration.teacher_checkpoint"
+            )
         teacher.to(pl_module.device)
         self._run_generation(trainer, pl_module, teacher, 1, teacher=str(self.teacher_checkpoint))
         del teacher
@@ -171,10 +179,16 @@ class PseudoLabelRegeneration(Callback):
             return
         next_generation = self.generation + 1
         self._run_generation(
-            trainer, pl_module, pl_module.network, next_generation, teacher=f"student at step {trainer.global_step}"
+            trainer,
+            pl_module,
+            pl_module.network,
+            next_generation,
+            teacher=f"student at step {trainer.global_step}",
         )
         if self.reinitialize:
-            pl_module.start_new_generation(reinitialize_network=True, schedule_steps=self.steps_per_generation)
+            pl_module.start_new_generation(
+                reinitialize_network=True, schedule_steps=self.steps_per_generation
+            )
         # Rebuild the train loader at the next epoch so that its (possibly persistent) workers read the new labels.
         trainer.fit_loop._combined_loader = None
 
@@ -188,7 +202,12 @@ class PseudoLabelRegeneration(Callback):
 
     # ----------------------------------------------------------------------------------------- the work
     def _run_generation(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: torch.nn.Module, generation: int, teacher: str
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        network: torch.nn.Module,
+        generation: int,
+        teacher: str,
     ) -> None:
         strategy = trainer.strategy
         group = ProcessGroup(

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from uda_sam.nn import SelfAttentionModule
 from uda_sam.nn.sam import AttentionImpl
+from uda_sam.sam_io import sam_config, save_sam
 from uda_sam.tasks.base import SegmentationTask, check_choice
-from uda_sam.tasks.sam_io import sam_config, save_sam
 
 __all__ = ["SAMPretraining"]
 
@@ -97,7 +97,7 @@ class SAMPretraining(SegmentationTask):
         return groups
 
     def export_sam(self, path: str | os.PathLike[str]) -> Path:
-        """Write the SAM's weights and configuration to ``path`` (atomically); see :mod:`uda_sam.tasks.sam_io`."""
+        """Write the SAM's weights and configuration to ``path`` (atomically); see :mod:`uda_sam.sam_io`."""
         return save_sam(self.sam, path, layer=self.layer)
 
     def resolve_export_path(self) -> Path:

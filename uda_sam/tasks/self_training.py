@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from uda_sam.nn import SelfAttentionModule, self_attention_loss
 from uda_sam.nn.losses import SelfAttentionDistance, SelfAttentionTarget
+from uda_sam.sam_io import load_sam, sam_config
 from uda_sam.tasks.base import SegmentationTask, check_choice
-from uda_sam.tasks.sam_io import load_sam, sam_config
 
 __all__ = ["SelfTraining"]
 
