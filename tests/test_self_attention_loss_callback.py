@@ -115,10 +115,13 @@ def test_sam_stays_frozen_outside_the_host(tiny_network: Callable, tmp_path: Pat
     assert "training_step" not in vars(host)  # the host gets its own training_step back after fit
 
 
-def test_sam_follows_the_host_dtype_under_true_precision(tiny_network: Callable) -> None:
+@pytest.mark.parametrize(("precision", "sam_dtype"), [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
+def test_sam_follows_the_host_parameter_dtype(tiny_network: Callable, precision: str, sam_dtype: torch.dtype) -> None:
     callback = SelfAttentionLoss(trained_sam(), weight=0.1)
-    fit(Host(tiny_network(num_classes=NUM_CLASSES)), [callback], steps=1, precision="bf16-true")
-    assert {p.dtype for p in callback.sam.parameters()} == {torch.bfloat16}
+    host = Host(tiny_network(num_classes=NUM_CLASSES))
+    trainer = fit(host, [callback], steps=2, precision=precision)
+    assert {p.dtype for p in callback.sam.parameters()} == {sam_dtype}
+    assert torch.isfinite(trainer.callback_metrics["train/loss_sa"]) and len(host.backpropagated) == 2
 
 
 def test_list_of_logits_adds_one_term_each(tiny_network: Callable) -> None:
