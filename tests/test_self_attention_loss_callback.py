@@ -95,7 +95,7 @@ def test_loss_and_gradient_are_host_loss_plus_weighted_term(tiny_network: Callab
         logits, sam, target="attended", distance="kl"
     )
     expected.backward()
-    assert host.backpropagated[0] == pytest.approx(float(expected), rel=1e-6)
+    assert host.backpropagated[0] == pytest.approx(float(expected.detach()), rel=1e-6)
     for before, after in zip(reference.parameters(), network.parameters(), strict=True):
         torch.testing.assert_close(after, before.detach() - lr * before.grad, rtol=1e-5, atol=1e-6)
 
