@@ -24,7 +24,7 @@ from pathlib import Path
 
 import lightning
 import torch
-from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import cpu_model, slug  # benchmarks/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "mean_teacher"))
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "examples" / "mean_teacher"))
 import train as mean_teacher_cli  # noqa: E402  (examples/mean_teacher/train.py)
 
 from uda_sam.data import make_toy_data  # noqa: E402
+from uda_sam.files import write_atomically  # noqa: E402
 from uda_sam.pipeline import StageConfig, run_stage  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "mean_teacher"
@@ -97,8 +98,8 @@ def run_setting(name: str, run_dir: Path, seed: int, init: str, sam: str) -> dic
         "mIoU": float(metrics["val/mIoU"]),
         "seconds": time.monotonic() - start,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(record, indent=2))
+    data = json.dumps(record, indent=2).encode()
+    write_atomically(result_file, lambda handle: handle.write(data))
     return record
 
 
@@ -126,8 +127,7 @@ def main() -> None:
         init, sam, no_pseudo = stage_artefacts(args.stages, seed)
         rows["No Pseudo (the starting network)"].append(no_pseudo)
         for name in SETTINGS:
-            slug = "_".join("".join(c.lower() if c.isalnum() else " " for c in name).split())
-            record = run_setting(name, args.out_dir / f"seed_{seed}" / slug, seed, init, sam)
+            record = run_setting(name, args.out_dir / f"seed_{seed}" / slug(name), seed, init, sam)
             rows.setdefault(name, []).append(record["mIoU"])
             per_seed.setdefault(name, {})[seed] = record["mIoU"]
 

@@ -25,19 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
 
 try:
     from uda_sam.nn import SelfAttentionModule
@@ -150,35 +147,6 @@ def run_in_subprocess(args: argparse.Namespace, impl: str, num_pixels: int) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_info(device: str) -> dict:
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    if hasattr(os, "getloadavg"):
-        info["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        info["ram_gib"] = round(mem_kib / 2**20, 1)
-    except (OSError, AttributeError):
-        pass
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / GIB, 1)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def check_targets(device: str, rows: list[dict]) -> list[str]:
     """The figures of the issue, as PASS/FAIL lines (only those measured)."""
     found = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
@@ -208,9 +176,8 @@ def check_targets(device: str, rows: list[dict]) -> list[str]:
 def write_report(
     out_dir: Path, device: str, info: dict, rows: list[dict], targets: list[str], argv: list[str]
 ) -> Path:
-    name = slug(info["gpu"]) if device == "cuda" else f"cpu-{slug(info['cpu'])}-{info['cpu_cores']}c"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"sam_{name}"
+    stem = out_dir / f"sam_{info['slug']}"
     stem.with_suffix(".json").write_text(
         json.dumps({"machine": info, "results": rows, "targets": targets}, indent=2)
     )
@@ -221,8 +188,8 @@ def write_report(
         + (
             f" ({info['gpu']}, {info['gpu_memory_gib']} GiB, CUDA {info['cuda']})" if device == "cuda" else ""
         ),
-        f"- CPU: {info['cpu']}, {info['cpu_cores']} cores visible, {info.get('ram_gib', '?')} GiB RAM, "
-        f"torch threads {rows[0].get('threads', info['torch_threads']) if rows else info['torch_threads']}",
+        f"- CPU: {info['cpu']}, {info['cores']} cores visible, {info['ram_gib']} GiB RAM, "
+        f"torch threads {rows[0].get('threads', info['threads']) if rows else info['threads']}",
         f"- load average at the start: {info.get('loadavg', '?')} (the CPU may be shared; times are wall clock)",
         f"- torch {info['torch']}, Python {info['python']}, {info['platform']}",
         f"- date: {info['date']}",

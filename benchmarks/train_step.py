@@ -47,7 +47,6 @@ import copy
 import gc
 import logging
 import os
-import platform
 import re
 import statistics
 import sys
@@ -56,7 +55,6 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +70,13 @@ try:
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning
 from lightning.pytorch import Callback, LightningModule, Trainer
-from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss, self_attention_loss
+from uda_sam.sam_io import load_sam, save_sam
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import build_optimizer, lr_factor, trainable_param_groups
-from uda_sam.sam_io import load_sam, save_sam
 
 MIB = 2**20
 NUM_CLASSES = 19
@@ -486,36 +483,6 @@ def run_variant(setup: Setup, variant: Variant, root: Path) -> Result:
     return result
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def machine_info(device: torch.device) -> dict[str, str]:
-    info = {
-        "cpu": cpu_model(),
-        "cores": str(os.cpu_count()),
-        "threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?",
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_memory"] = f"{props.total_memory / 2**30:.1f} GiB"
-        info["cuda"] = str(torch.version.cuda)
-        info["cudnn"] = str(torch.backends.cudnn.version())
-        info["tf32"] = (
-            f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-            f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
-            f"float32_matmul_precision={torch.get_float32_matmul_precision()}"
-        )
-    info["slug"] = slug(info["gpu"]) if device.type == "cuda" else f"cpu-{slug(info['cpu'])}-{info['cores']}c"
-    return info
-
-
 def max_rel_diff(a: list[float], b: list[float], count: int) -> float | None:
     pairs = list(zip(a[:count], b[:count], strict=False))
     if not pairs:
@@ -648,7 +615,7 @@ def write_report(
     lines = [
         f"# Training step, plain PyTorch vs Lightning: {info.get('gpu', info['cpu'])}",
         "",
-        f"- machine: {info['gpu'] + ' (' + info['gpu_memory'] + ', CUDA ' + info['cuda'] + ', cuDNN ' + info['cudnn'] + '), ' if gpu else ''}"
+        f"- machine: {info['gpu'] + ' (' + info['gpu_memory_gib'] + ' GiB, CUDA ' + info['cuda'] + ', cuDNN ' + info['cudnn'] + '), ' if gpu else ''}"
         f"CPU {info['cpu']}, {info['cores']} cores visible, torch threads {info['threads']}; "
         f"load average at the start {info['loadavg']}",
         f"- torch {info['torch']}, lightning {info['lightning']}, Python {info['python']}; date {info['date']}",

@@ -46,6 +46,8 @@ from typing import Any
 
 import yaml
 
+from uda_sam.files import write_atomically
+
 __all__ = ["PipelineConfig", "StageConfig", "load_pipeline_config", "run_pipeline", "main"]
 
 RESULT_FILE = "result.json"
@@ -267,9 +269,8 @@ class StageResult:
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    data = json.dumps(payload, indent=2).encode()
+    write_atomically(path, lambda handle: handle.write(data))
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:

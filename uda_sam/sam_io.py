@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from uda_sam.files import write_atomically
 from uda_sam.nn import SelfAttentionModule
 
 __all__ = [
@@ -79,21 +79,11 @@ def save_sam(
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in sam.state_dict().items()},
         **sam_config(sam, layer),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda handle: torch.save(payload, handle))
 
 
 def read_checkpoint(path: str | os.PathLike[str], option: str, expected: str = _EXPECTED) -> Any:

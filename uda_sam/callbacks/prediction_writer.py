@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,16 +12,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from uda_sam.data.labels import TRAIN_ID_TO_LABEL_ID, colorize
+from uda_sam.files import write_atomically
 
 __all__ = ["PredictionWriter"]
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
-    # Temporary name + rename: a crash never leaves a truncated PNG that the evaluation would read.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    # Written atomically: a crash never leaves a truncated PNG that the evaluation would read.
+    image = Image.fromarray(np.ascontiguousarray(array))
+    write_atomically(path, lambda handle: image.save(handle, format="PNG"))
 
 
 class PredictionWriter(BasePredictionWriter):

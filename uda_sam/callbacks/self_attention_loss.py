@@ -20,7 +20,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -85,8 +85,8 @@ class SelfAttentionLoss(Callback):
         logits_key: str = "sam_logits",
         log_name: str = "train/loss_sa",
     ) -> None:
-        check_choice("target", target, ("residual", "attended"))
-        check_choice("distance", distance, ("l2", "kl", "cosine"))
+        check_choice("target", target, get_args(SelfAttentionTarget))
+        check_choice("distance", distance, get_args(SelfAttentionDistance))
         if not weight >= 0:
             raise ValueError(f"SelfAttentionLoss: weight must be >= 0, got {weight!r}")
         if isinstance(sam, SelfAttentionModule):
@@ -134,6 +134,7 @@ class SelfAttentionLoss(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        """Give the host its own ``training_step`` back after a failed fit too."""
         self._unwrap()
 
     def _unwrap(self) -> None:
@@ -172,9 +173,6 @@ class SelfAttentionLoss(Callback):
                 f"{_HOOK.format(key=self.logits_key)}"
             )
         logits = self._logits_list(output[self.logits_key])
-        parameter = next(self.sam.parameters(), None)
-        if parameter is not None and parameter.device != logits[0].device:
-            self.sam.to(logits[0].device)
         with torch.set_grad_enabled(self.weight > 0 and torch.is_grad_enabled()):
             term = sum(
                 self_attention_loss(p, self.sam, target=self.target, distance=self.distance) for p in logits

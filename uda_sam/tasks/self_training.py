@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -14,9 +14,9 @@ from uda_sam.tasks.base import SegmentationTask, check_choice
 
 __all__ = ["SelfTraining"]
 
-SA_TARGETS = ("residual", "attended")
+SA_TARGETS = get_args(SelfAttentionTarget)
 SA_DOMAINS = ("both", "target")
-SA_DISTANCES = ("l2", "kl", "cosine")
+SA_DISTANCES = get_args(SelfAttentionDistance)
 SA_LAYERS = ("prediction", "feature", "both")
 
 
