@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -496,9 +497,39 @@ def test_predict_writes_label_id_and_color_pngs(
 
 def test_bf16_mixed_step(tmp_path: Path, tiny_network, toy_datamodule) -> None:
     task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")))
-    trainer = make_trainer(tmp_path, max_steps=1, precision="bf16-mixed")
+    trainer = make_trainer(tmp_path, max_steps=1, precision="bf16-mixed", log_every_n_steps=1)
     trainer.fit(task, datamodule=toy_datamodule())
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert {"train/loss_sa_source", "train/loss_sa_target", "train/lr_backbone"} <= set(
         trainer.callback_metrics
     )
+
+
+def test_logged_learning_rate_is_the_one_of_the_written_step(
+    tiny_network: Callable, toy_datamodule: Callable, tmp_path: Path
+) -> None:
+    # The learning rate is logged only on the steps the logger writes; each written value must be that step's rate,
+    # not one left over from an earlier step.
+    from lightning.pytorch.loggers import CSVLogger
+
+    recorder = LRRecorder()
+    task = SelfTraining(tiny_network(), lambda_sa=0.0, lr=0.01, schedule_steps=12)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=12,
+        log_every_n_steps=4,
+        callbacks=[recorder],
+        logger=CSVLogger(tmp_path, name="csv"),
+    )
+    trainer.fit(task, datamodule=toy_datamodule())
+    rows = [
+        row
+        for row in csv.DictReader(open(next(tmp_path.rglob("metrics.csv"))))
+        if row.get("train/lr_backbone")
+    ]
+    assert len(rows) == 3
+    for row in rows:
+        # A row written after the optimiser step of training step k carries step k.
+        assert float(row["train/lr_backbone"]) == pytest.approx(
+            recorder.records[int(row["step"])][0], rel=1e-6
+        )

@@ -189,11 +189,12 @@ class SegmentationTask(LightningModule):
         values = {f"train/{name}": value.detach() for name, value in terms.items()}
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
         # Learning rates are Python floats: logging one makes a host-to-device copy, which waits for the GPU.
-        # Log them only on the steps the logger writes.
+        # Log them only on the steps the logger writes: Lightning writes after the step where
+        # (steps taken + 1) is a multiple of log_every_n_steps, and a value logged earlier would be written stale.
         if (
             self._trainer is not None
             and self.trainer.optimizers
-            and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+            and (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
         ):
             for index, group in enumerate(self.trainer.optimizers[0].param_groups):
                 name = group.get("name", str(index))
