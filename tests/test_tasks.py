@@ -506,7 +506,7 @@ def test_bf16_mixed_step(tmp_path: Path, tiny_network, toy_datamodule) -> None:
 
 
 def test_logged_learning_rate_is_the_one_of_the_written_step(
-    tiny_network: Callable, toy_datamodule: Callable, tmp_path: Path
+    tiny_network, toy_datamodule, tmp_path: Path
 ) -> None:
     # The learning rate is logged only on the steps the logger writes; each written value must be that step's rate,
     # not one left over from an earlier step.

@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         self_attention_loss,
     )
     from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, PseudoLabelStatistics, make_pseudo_labels
-    from uda_sam.sam_io import load_sam, network_state_dict, save_sam
+    from uda_sam.sam_io import load_network_weights, load_sam, network_state_dict, save_sam
     from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 
 #: Public name -> the module that defines it.
@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "load_sam": "uda_sam.sam_io",
     "save_sam": "uda_sam.sam_io",
     "network_state_dict": "uda_sam.sam_io",
+    "load_network_weights": "uda_sam.sam_io",
     # Networks.
     "DeepLabV2": "uda_sam.nn",
     "FCN8s": "uda_sam.nn",
@@ -106,6 +107,7 @@ __all__ = [
     "load_sam",
     "save_sam",
     "network_state_dict",
+    "load_network_weights",
     "DeepLabV2",
     "FCN8s",
     "GTA5",

@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="inference precision")
     options = parser.parse_args(argv)
 
-    from uda_sam.callbacks.pseudo_labels import load_network_weights
     from uda_sam.generation import ProcessGroup, generate_pseudo_labels
+    from uda_sam.sam_io import load_network_weights
 
     try:
         network, datamodule = _build(options.config)

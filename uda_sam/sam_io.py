@@ -26,6 +26,7 @@ from uda_sam.nn import SelfAttentionModule
 
 __all__ = [
     "SAM_FILE_KEYS",
+    "load_network_weights",
     "load_sam",
     "network_state_dict",
     "read_checkpoint",
@@ -220,3 +221,30 @@ def network_state_dict(path: str | os.PathLike[str], option: str = "checkpoint")
             "(state_dict with 'network.*' entries)"
         )
     return weights
+
+
+def load_network_weights(
+    network: torch.nn.Module, checkpoint_path: str | os.PathLike[str], option: str = "checkpoint"
+) -> None:
+    """Load the ``network.*`` weights of a uda-sam Lightning checkpoint into ``network``.
+
+    Args:
+        network: The network to fill (same architecture and number of classes as the checkpoint's).
+        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``).
+        option: Name of the option that gave the path, for error messages.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a uda-sam network checkpoint or its weights do not fit ``network``.
+    """
+    weights = network_state_dict(checkpoint_path, option)
+    expected = network.state_dict()
+    mismatched = [k for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
+    missing = sorted(set(expected) - set(weights))
+    if mismatched or missing:
+        detail = f"shape mismatch in {mismatched[:3]}" if mismatched else f"missing keys {missing[:3]}"
+        raise ValueError(
+            f"{option}: the network in {checkpoint_path} does not fit the configured network ({detail}); "
+            "check the number of classes and the backbone"
+        )
+    network.load_state_dict(weights, strict=False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_sam import CLASS_NAMES, SegmentationMetrics, network_state_dict, segmentation_loss
+from uda_sam import CLASS_NAMES, SegmentationMetrics, load_network_weights, segmentation_loss
 
 
 class MeanTeacher(pl.LightningModule):
@@ -46,7 +46,7 @@ class MeanTeacher(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         if init_checkpoint is not None:
-            network.load_state_dict(network_state_dict(init_checkpoint, option="init_checkpoint"))
+            load_network_weights(network, init_checkpoint, option="init_checkpoint")
         self.student = network
         self.teacher = copy.deepcopy(network).requires_grad_(False).eval()
         self.num_classes = int(network.num_classes)  # lets SelfAttentionLoss check its SAM at fit start

@@ -18,36 +18,9 @@ from uda_sam.generation import (
     generate_pseudo_labels,
     read_finished_generation,
 )
-from uda_sam.sam_io import network_state_dict
+from uda_sam.sam_io import load_network_weights  # re-exported: the teacher is read with it
 
 __all__ = ["PseudoLabelRegeneration", "load_network_weights"]
-
-
-def load_network_weights(
-    network: torch.nn.Module, checkpoint_path: str | Path, option: str = "checkpoint"
-) -> None:
-    """Load the ``network.*`` weights of a uda-sam Lightning checkpoint into ``network``.
-
-    Args:
-        network: The network to fill (same architecture and number of classes as the checkpoint's).
-        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``).
-        option: Name of the option that gave the path, for error messages.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a uda-sam network checkpoint or its weights do not fit ``network``.
-    """
-    weights = network_state_dict(checkpoint_path, option)
-    expected = network.state_dict()
-    mismatched = [k for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
-    missing = sorted(set(expected) - set(weights))
-    if mismatched or missing:
-        detail = f"shape mismatch in {mismatched[:3]}" if mismatched else f"missing keys {missing[:3]}"
-        raise ValueError(
-            f"{option}: the network in {checkpoint_path} does not fit the configured network ({detail}); "
-            "check the number of classes and the backbone"
-        )
-    network.load_state_dict(weights, strict=False)
 
 
 class PseudoLabelRegeneration(Callback):
