@@ -21,7 +21,9 @@ def test_all_lists_every_export_and_the_type_checking_imports() -> None:
     assert len(set(uda_sam.__all__)) == len(uda_sam.__all__)
     # The TYPE_CHECKING block (what type checkers see) names the same objects from the same modules.
     tree = ast.parse(Path(uda_sam.__file__).read_text())
-    block = next(node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    block = next(
+        node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    )
     imported = {alias.name: node.module for node in block.body for alias in node.names}
     assert imported == uda_sam._EXPORTS
 
