@@ -106,27 +106,33 @@ def select_names(
 
 
 def paired_samples(
-    names: Sequence[str], images: dict[str, Path], label_dir: Path, what: str, layout: str
+    names: Sequence[str],
+    images: dict[str, Path],
+    label_dir: Path,
+    what: str,
+    layout: str,
+    label_suffix: str = ".png",
+    label_kind: str = "label file",
 ) -> list[SampleFiles]:
-    """One :class:`SampleFiles` per name with its label ``label_dir/{name}.png``, which must exist.
+    """One :class:`SampleFiles` per name with its label ``label_dir/{name}{label_suffix}``, which must exist.
 
     Raises:
-        FileNotFoundError: naming how many (and which) images lack their label file.
+        FileNotFoundError: naming how many (and which) images lack their label file (``label_kind``).
     """
-    samples = [SampleFiles(n, images[n], label_dir / f"{n}.png") for n in names]
+    samples = [SampleFiles(n, images[n], label_dir / f"{n}{label_suffix}") for n in names]
     unlabeled = [s.name for s in samples if not s.label.is_file()]  # type: ignore[union-attr]
     if unlabeled:
         raise FileNotFoundError(
-            f"{len(unlabeled)} of {len(names)} {what} images have no label file in {label_dir}: "
+            f"{len(unlabeled)} of {len(names)} {what} images have no {label_kind} in {label_dir}: "
             f"{summarize(unlabeled)}; expected layout: {layout}"
         )
     return samples
 
 
-def check_limit(limit: int | None) -> int | None:
-    """Validate a sample-count limit (``None`` or a positive int)."""
+def check_limit(limit: int | None, name: str = "limit") -> int | None:
+    """Validate a count option named ``name``: ``None`` or a positive int."""
     if limit is not None and (not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise ValueError(f"{name} must be a positive integer or None, got {limit!r}")
     return limit
 
 

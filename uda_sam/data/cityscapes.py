@@ -8,14 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from uda_sam.data.base import (
-    SampleFiles,
-    SegmentationDataset,
-    check_limit,
-    read_list_file,
-    require_dir,
-    summarize,
-)
+from uda_sam.data.base import SampleFiles, SegmentationDataset, paired_samples, require_dir, select_names
 from uda_sam.data.io import read_label_uint8, read_rgb
 from uda_sam.data.labels import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
 from uda_sam.data.transforms import Normalization
@@ -106,52 +99,33 @@ class Cityscapes(SegmentationDataset):
             require_dir(self.root / "gtFine", "Cityscapes label folder", LAYOUT)
             require_dir(label_dir, f"Cityscapes {split} label folder", LAYOUT)
 
-        if list_file is not None:
-            names = read_list_file(list_file, (IMAGE_SUFFIX, ".png"))
-            absent = [n for n in names if not (image_dir / f"{n}{IMAGE_SUFFIX}").is_file()]
-            if absent:
-                raise FileNotFoundError(
-                    f"{len(absent)} of {len(names)} images named in list_file {list_file} are missing from "
-                    f"{image_dir}: {summarize(absent)}; expected layout: {LAYOUT}"
-                )
-        else:
-            names = sorted(
-                p.relative_to(image_dir).as_posix()[: -len(IMAGE_SUFFIX)]
-                for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")
-            )
-        if not names:
-            raise FileNotFoundError(
-                f"Cityscapes {split} image folder {image_dir} holds no images; expected layout: {LAYOUT}"
-            )
-        names = names[: check_limit(limit)]
-
+        # Sample name = path below leftImg8bit/{split} without the suffix: "{city}/{city}_{seq}_{frame}".
+        images = {
+            p.relative_to(image_dir).as_posix()[: -len(IMAGE_SUFFIX)]: p
+            for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}")
+        }
+        names = select_names(
+            images,
+            image_dir,
+            list_file,
+            (IMAGE_SUFFIX, ".png"),
+            limit,
+            f"Cityscapes {split} image folder {image_dir} holds no images; expected layout: {LAYOUT}",
+        )
+        what = f"Cityscapes {split}"
         if self.pseudo_label_root is not None:
             pseudo_dir = require_dir(self.pseudo_label_root, "pseudo_label_root", PSEUDO_LAYOUT)
-            self.samples = [
-                SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", pseudo_dir / f"{n}.png") for n in names
-            ]
-            self._check_labels_exist(f"pseudo-label file in {pseudo_dir}", PSEUDO_LAYOUT)
-        elif labels == "none":
-            self.samples = [SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", None) for n in names]
-        else:
-            self.samples = [
-                SampleFiles(n, image_dir / f"{n}{IMAGE_SUFFIX}", label_dir / f"{n}{LABEL_SUFFIX}")
-                for n in names
-            ]
-            if labels == "gt":
-                self._check_labels_exist(f"label file in {label_dir}", LAYOUT)
-            else:
-                self.samples = [
-                    s if s.label.is_file() else SampleFiles(s.name, s.image, None) for s in self.samples
-                ]
-
-    def _check_labels_exist(self, what: str, layout: str) -> None:
-        missing = [s.name for s in self.samples if s.label is None or not s.label.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self.samples)} Cityscapes {self.split} images have no {what}: "
-                f"{summarize(missing)}; expected layout: {layout}"
+            self.samples = paired_samples(
+                names, images, pseudo_dir, what, PSEUDO_LAYOUT, label_kind="pseudo-label file"
             )
+        elif labels == "gt":
+            self.samples = paired_samples(names, images, label_dir, what, LAYOUT, label_suffix=LABEL_SUFFIX)
+        else:  # "optional": ground truth where its file exists; "none": no labels
+            label_files = [label_dir / f"{n}{LABEL_SUFFIX}" if labels == "optional" else None for n in names]
+            self.samples = [
+                SampleFiles(n, images[n], file if file is not None and file.is_file() else None)
+                for n, file in zip(names, label_files, strict=True)
+            ]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask (all 255 when the sample has no label)."""

@@ -11,10 +11,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from uda_sam.data.base import check_limit
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
 from uda_sam.data.synthia import Synthia
-from uda_sam.data.transforms import check_scale, check_size
+from uda_sam.data.transforms import check_normalization, check_scale, check_size
 
 
 class EpochSampler(Sampler[int]):
@@ -117,8 +118,7 @@ class UDADataModule(LightningDataModule):
             raise ValueError("source_image_root (translated images) is only supported with source='gta5'")
         if val_label_size not in ("full", "resized"):
             raise ValueError(f"val_label_size must be 'full' or 'resized', got {val_label_size!r}")
-        if normalization not in ("imagenet", "caffe"):
-            raise ValueError(f"normalization must be 'imagenet' or 'caffe', got {normalization!r}")
+        check_normalization(normalization)
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -126,10 +126,8 @@ class UDADataModule(LightningDataModule):
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         if target_labels not in ("pseudo", "gt"):
             raise ValueError(f"target_labels must be 'pseudo' or 'gt', got {target_labels!r}")
-        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
-        if val_limit is not None and (not isinstance(val_limit, int) or val_limit < 1):
-            raise ValueError(f"val_limit must be a positive integer or None, got {val_limit!r}")
+        check_limit(steps_per_epoch, "steps_per_epoch")
+        check_limit(val_limit, "val_limit")
         self.save_hyperparameters()
 
         self.source = source
@@ -193,12 +191,12 @@ class UDADataModule(LightningDataModule):
             **self._augment(),
         )
 
-    def _make_val(self, limit: int | None) -> Cityscapes:
+    def _make_val(self, limit: int | None, labels: Literal["gt", "optional"] = "gt") -> Cityscapes:
         return Cityscapes(
             self.target_root,
             split="val",
             size=self.target_size,
-            labels="gt",
+            labels=labels,
             label_size=self.val_label_size,
             normalization=self.normalization,
             limit=limit,
@@ -241,14 +239,7 @@ class UDADataModule(LightningDataModule):
         if stage in (None, "fit", "validate", "test"):
             self.val_dataset = self._make_val(self.val_limit)
         if stage in (None, "predict"):
-            self.predict_dataset = Cityscapes(
-                self.target_root,
-                split="val",
-                size=self.target_size,
-                labels="optional",
-                label_size=self.val_label_size,
-                normalization=self.normalization,
-            )
+            self.predict_dataset = self._make_val(None, labels="optional")
 
     # -------------------------------------------------------------------------------------------- loaders
     def _loader(
@@ -297,12 +288,11 @@ class UDADataModule(LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         sampler = None
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
+        if self._world_size() > 1:
             # Every image exactly once across processes: Lightning's default DistributedSampler would repeat some
             # images to pad the last batch, and the summed confusion matrix would count them twice.
             sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+                dataset, num_replicas=self._world_size(), rank=self.trainer.global_rank, shuffle=False
             )
         return self._loader(dataset, self.val_batch_size, train=False, sampler=sampler)
 

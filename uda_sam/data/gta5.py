@@ -94,17 +94,15 @@ class GTA5(SegmentationDataset):
         assert sample.label is not None
         image = read_rgb(sample.image)
         label = read_palette_indices(sample.label)
-        if image.shape[:2] != label.shape:
+        # Translated images differ in size by design: SegmentationDataset brings their labels to the image grid.
+        if image.shape[:2] != label.shape and not self.translated:
             height, width = image.shape[:2]
-            if self.translated:
-                label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
-            else:
-                if str(sample.image) not in _warned_mismatch:
-                    _warned_mismatch.add(str(sample.image))
-                    warnings.warn(
-                        f"GTA5 image {sample.image} is {width}x{height} but its label {sample.label} is "
-                        f"{label.shape[1]}x{label.shape[0]}; resizing the image to the label size",
-                        stacklevel=2,
-                    )
-                image = cv2.resize(image, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
+            if str(sample.image) not in _warned_mismatch:
+                _warned_mismatch.add(str(sample.image))
+                warnings.warn(
+                    f"GTA5 image {sample.image} is {width}x{height} but its label {sample.label} is "
+                    f"{label.shape[1]}x{label.shape[0]}; resizing the image to the label size",
+                    stacklevel=2,
+                )
+            image = cv2.resize(image, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
         return image, LABEL_ID_TO_TRAIN_ID[label]

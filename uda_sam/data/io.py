@@ -138,17 +138,3 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
             "(is this a GT/COLOR or Depth file?)"
         )
     return ids.astype(np.uint8)
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image, read from the file header without decoding the pixels.
-
-    Raises:
-        ValueError: if the header cannot be parsed.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read the header of {path}: {err}") from err

@@ -44,6 +44,13 @@ def check_size(size: Sequence[int] | None, name: str) -> tuple[int, int] | None:
     return width, height
 
 
+def check_normalization(normalization: str) -> Normalization:
+    """Validate a normalisation name (``"imagenet"`` or ``"caffe"``)."""
+    if normalization not in ("imagenet", "caffe"):
+        raise ValueError(f"normalization must be 'imagenet' or 'caffe', got {normalization!r}")
+    return normalization  # type: ignore[return-value]
+
+
 def check_scale(random_scale: Sequence[float] | None) -> tuple[float, float] | None:
     """Validate a `(min, max)` random-scale range (or `None`)."""
     if random_scale is None:
@@ -87,9 +94,7 @@ class SegmentationTransform:
         self.size = check_size(size, "size")
         self.crop_size = check_size(crop_size, "crop_size")
         self.random_scale = check_scale(random_scale)
-        if normalization not in ("imagenet", "caffe"):
-            raise ValueError(f"normalization must be 'imagenet' or 'caffe', got {normalization!r}")
-        self.normalization = normalization
+        self.normalization = check_normalization(normalization)
         self.hflip = bool(hflip)
         self.resize_mask = bool(resize_mask)
         self.augments = self.random_scale is not None or self.crop_size is not None or self.hflip
