@@ -113,6 +113,8 @@ def test_bad_input(tmp_path: Path, tiny_network: Callable, toy_datamodule: Calla
         generate_pseudo_labels(tiny_network(num_classes=7), dataset, tmp_path / "g", num_workers=0, progress=False)
     with pytest.raises(ValueError, match="no images"):
         generate_pseudo_labels(tiny_network(), torch.utils.data.Subset(dataset, []), tmp_path / "h", progress=False)
+    with pytest.raises(ValueError, match=r"num_bins must lie in 1\.\.32768"):
+        generate_pseudo_labels(tiny_network(), dataset, tmp_path / "i", num_bins=40_000, progress=False)
     with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
         callback_module.load_network_weights(tiny_network(), tmp_path / "missing.ckpt", "teacher_checkpoint")
     torch.save({"state_dict": {"sam.transform.weight": torch.zeros(1)}}, tmp_path / "sam.ckpt")

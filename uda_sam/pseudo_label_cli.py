@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="inference precision")
     options = parser.parse_args(argv)
 
-    from uda_sam.generation import ProcessGroup, generate_pseudo_labels
+    from uda_sam.generation import ProcessGroup, autocast_dtype_for, generate_pseudo_labels
     from uda_sam.sam_io import load_network_weights
 
     try:
@@ -81,7 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = torch.device(options.device)
-    autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[options.precision]
     try:
         result = generate_pseudo_labels(
             network.to(device),
@@ -94,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=options.batch_size,
             num_workers=options.num_workers,
             device=device,
-            autocast_dtype=autocast,
+            autocast_dtype=autocast_dtype_for(options.precision),
             group=ProcessGroup.from_torch_distributed(device),
         )
     except (FileExistsError, ValueError) as error:

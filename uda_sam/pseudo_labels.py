@@ -134,16 +134,27 @@ class ClasswiseThresholdEstimator:
             raise ValueError(f"predicted holds classes outside 0..{self.num_classes - 1}")
         self._accumulate(confidence, predicted)
 
-    def _accumulate(self, confidence: Tensor, predicted: Tensor) -> None:
-        if self.histogram.device != confidence.device:
-            self.histogram = self.histogram.to(confidence.device)
-        predicted = predicted.reshape(-1).long()
-        bins = (confidence.reshape(-1).float() * self.num_bins).long().clamp_(0, self.num_bins - 1)
+    def bin_index(self, confidence: Tensor) -> Tensor:
+        """The histogram bin of each confidence, ``floor(confidence * num_bins)`` (1.0 falls in the last bin)."""
+        return (confidence.float() * self.num_bins).long().clamp_(0, self.num_bins - 1)
+
+    @torch.no_grad()
+    def update_from_bins(self, bins: Tensor, predicted: Tensor) -> None:
+        """Add pixels given as their confidence bin (:meth:`bin_index`) and argmax class, unchecked.
+
+        For callers that keep the bins themselves (the pseudo-label generation caches them); nothing is checked,
+        so nothing waits for the device.
+        """
+        if self.histogram.device != bins.device:
+            self.histogram = self.histogram.to(bins.device)
         # A bincount over class * num_bins + bin, written as scatter_add_: one vectorised pass on any device, and
         # unlike torch.bincount on CUDA (which reads the max index back to the host) no device synchronisation.
-        index = predicted * self.num_bins + bins
+        index = predicted.reshape(-1).long() * self.num_bins + bins.reshape(-1)
         ones = torch.ones((), dtype=torch.long, device=index.device).expand(index.numel())
         self.histogram.view(-1).scatter_add_(0, index, ones)
+
+    def _accumulate(self, confidence: Tensor, predicted: Tensor) -> None:
+        self.update_from_bins(self.bin_index(confidence), predicted)
 
     def compute(self) -> Tensor:
         """Thresholds ``tau[c] = min(cap, median of class c)``, ``cap`` for classes never predicted.

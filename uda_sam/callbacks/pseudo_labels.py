@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from uda_sam.generation import (
     GenerationResult,
     ProcessGroup,
+    autocast_dtype_for,
     generate_pseudo_labels,
     read_finished_generation,
 )
@@ -205,7 +206,7 @@ class PseudoLabelRegeneration(Callback):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             device=pl_module.device,
-            autocast_dtype=_autocast_dtype(trainer),
+            autocast_dtype=autocast_dtype_for(trainer.precision),
             group=group,
             reuse_existing=self.reuse_existing,
             progress=trainer.progress_bar_callback is not None,
@@ -237,12 +238,3 @@ class PseudoLabelRegeneration(Callback):
                 columns = ["class", "threshold", "share", "precision", "recall"]
                 rows = [[r.get(c) for c in columns] for r in stats.get("classes", [])]
                 logger.log_table(key=f"pseudo/generation_{generation}", columns=columns, data=rows)
-
-
-def _autocast_dtype(trainer: pl.Trainer) -> torch.dtype | None:
-    precision = str(trainer.precision)
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return None
