@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-from uda_sam.metrics import format_iou_table, iou_from_confusion, mean_iou
+from uda_sam.metrics import confusion_from_labels, format_iou_table, iou_from_confusion, mean_iou
 
 __all__ = ["EvaluationError", "evaluate_folder", "main", "run_evaluate"]
 
@@ -89,8 +89,8 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _score_pair(
     pred_path: Path, gt_path: Path, pred_format: Literal["labelIds", "trainIds"]
-) -> tuple[np.ndarray | None, list[str]]:
-    """Counts ``(19, 20)`` of (gt trainId, pred trainId or 19 = no class) for one image, or the problems found."""
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, list[str]]:
+    """``confusion_from_labels`` of one image (void predictions are false negatives only), or the problems found."""
     problems: list[str] = []
     try:
         gt = _read_png(gt_path)
@@ -132,16 +132,9 @@ def _score_pair(
     if problems:
         return None, problems
 
-    gt_train = LABEL_ID_TO_TRAIN_ID[gt].astype(np.int64)
     if pred_format == "labelIds":
-        pred = LABEL_ID_TO_TRAIN_ID[np.where(pred < 0, 255, pred)].astype(np.int64)
-    labelled = gt_train != IGNORE_INDEX
-    pred_l = pred[labelled]
-    pred_l = np.where(pred_l < NUM_CLASSES, pred_l, NUM_CLASSES)  # column 19: no class -> false negative only
-    counts = np.bincount(
-        gt_train[labelled] * (NUM_CLASSES + 1) + pred_l, minlength=NUM_CLASSES * (NUM_CLASSES + 1)
-    )
-    return counts.reshape(NUM_CLASSES, NUM_CLASSES + 1), []
+        pred = LABEL_ID_TO_TRAIN_ID[np.where(pred < 0, 255, pred)]
+    return confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(LABEL_ID_TO_TRAIN_ID[gt])), []
 
 
 def _list_missing(gt_files: dict[str, Path], missing: Sequence[str], limit: int) -> str:
@@ -198,17 +191,18 @@ def evaluate_folder(
 
     pairs = [(predictions[k], gt_files[k]) for k in gt_files if k in predictions]
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    total = np.zeros((NUM_CLASSES, NUM_CLASSES + 1), dtype=np.int64)
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    unmatched = torch.zeros(NUM_CLASSES, dtype=torch.long)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PNG decoding releases the GIL
         for counts, pair_problems in pool.map(lambda pair: _score_pair(*pair, pred_format), pairs):
             problems.extend(pair_problems)
             if counts is not None:
-                total += counts
+                confusion += counts[0]
+                unmatched += counts[1]
     if problems:
         raise EvaluationError(problems, pred_dir)
 
-    confusion = torch.from_numpy(total[:, :NUM_CLASSES])
-    iou = iou_from_confusion(confusion, torch.from_numpy(total[:, NUM_CLASSES]))
+    iou = iou_from_confusion(confusion, unmatched)
     result: dict[str, Any] = {
         f"mIoU_{name}": float(mean_iou(iou, classes)) for name, classes in CLASS_SUBSETS.items()
     }
