@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import nn
@@ -25,6 +24,7 @@ from uda_sam.analysis import (
 )
 from uda_sam.callbacks.entropy import validation_loader
 from uda_sam.data.labels import CLASS_NAMES
+from uda_sam.tasks.media import find_wandb_logger
 
 __all__ = ["AttentionVisualization"]
 
@@ -164,7 +164,7 @@ class AttentionVisualization(Callback):
         """Draw the figures and log or save them (``trainer.log_dir`` is read on every process: a collective)."""
         step = trainer.global_step
         self._last_step = step
-        wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        wandb_logger = find_wandb_logger(trainer)
         out_dir = None
         if wandb_logger is None:
             out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "attention" / f"step_{step}"

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, IGNORE_INDEX, colorize
 from uda_sam.data.transforms import Normalization, denormalize
+from uda_sam.metrics import mean_iou
 
 __all__ = ["ValidationExample", "find_wandb_logger", "log_examples", "log_iou_table", "make_example"]
 
@@ -102,8 +103,5 @@ def log_iou_table(logger: WandbLogger, key: str, iou: Tensor, subsets: Sequence[
 
     rows: list[list[object]] = [[c, name, pct(float(values[c]))] for c, name in enumerate(CLASS_NAMES)]
     for subset in subsets:
-        classes = CLASS_SUBSETS[subset]
-        chosen = values[classes]
-        defined = chosen[~torch.isnan(chosen)]
-        rows.append([-1, f"mIoU ({subset})", pct(float(defined.mean())) if defined.numel() else None])
+        rows.append([-1, f"mIoU ({subset})", pct(float(mean_iou(values, CLASS_SUBSETS[subset])))])
     logger.log_table(key=key, columns=["trainId", "class", "IoU (%)"], data=rows, step=step)
