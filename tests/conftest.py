@@ -80,7 +80,7 @@ def tiny_network() -> Callable[..., TinySegNet]:
 
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny toy domain pair (4 source, 4 target-train, 2 val images at 64x32), made once per session."""
+    """A tiny toy domain pair (4 source, 4 target-train, 2 val, 2 test images at 64x32), made once per session."""
     from uda_sam.data.toy import make_toy_data
 
     root = tmp_path_factory.mktemp("toy") / "toy"
@@ -90,6 +90,7 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             num_source=4,
             num_target_train=4,
             num_val=2,
+            num_test=2,
             size=TOY_SIZE,
             source_size=TOY_SOURCE_SIZE,
             seed=0,

@@ -89,6 +89,8 @@ def test_make_toy_data_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
         "1",
         "--num-val",
         "2",
+        "--num-test",
+        "1",
         "--size",
         "32",
         "16",
@@ -96,6 +98,7 @@ def test_make_toy_data_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(args) == 0
     val = sorted((root / "cityscapes" / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
     assert len(val) == 2 and (root / "gta5" / "images" / "00001.png").is_file()
+    assert len(list((root / "cityscapes" / "gtFine" / "test").glob("*/*_gtFine_labelIds.png"))) == 1
     # Ground truth copied as predictions scores 100 %.
     pred = tmp_path / "pred"
     for path in val:

@@ -264,3 +264,34 @@ def test_ddp_shards_both_domains(roots: dict) -> None:
     assert len(seen[0]["target"]) == len(seen[1]["target"]) == 2
     assert set(seen[0]["target"]) | set(seen[1]["target"]) == set(roots["cs"]["train"])
     assert set(seen[0]["val"]).isdisjoint(seen[1]["val"]) and len(seen[0]["val"]) == 1
+
+
+def test_source_holdout_keeps_the_last_images_out_of_training(roots: dict) -> None:
+    dm = make_dm(roots["tmp"], source_holdout=1, hflip=True)
+    dm.setup("fit")
+    trained = {dm.source_train[i]["name"] for i in range(len(dm.source_train))}
+    assert trained == {"00001", "00002", "00003"}
+    held_out = dm.source_holdout_dataset()
+    assert [held_out[i]["name"] for i in range(len(held_out))] == ["00004"]
+    sample = held_out[0]
+    again = held_out[0]
+    assert torch.equal(sample["image"], again["image"])  # no augmentation (hflip is for training only)
+    assert make_dm(roots["tmp"]).source_holdout_dataset() is None
+    with pytest.raises(ValueError, match="source_holdout=4 keeps no training image"):
+        make_dm(roots["tmp"], source_holdout=4).setup("fit")
+    with pytest.raises(ValueError, match="source_holdout must be a non-negative integer"):
+        make_dm(roots["tmp"], source_holdout=-1)
+
+
+def test_test_split_is_scored_when_asked(roots: dict) -> None:
+    cs = fake.write_fake_cityscapes(roots["tmp"] / "cs_test", {"train": 2, "val": 1, "test": 2})
+    # The fake test labels are Cityscapes-style placeholders; they stand for a labelled test split here.
+    dm = make_dm(roots["tmp"], target_root=str(roots["tmp"] / "cs_test"), test_split="test", val_batch_size=2)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    assert sorted(batch["name"]) == sorted(cs["test"])
+    default = make_dm(roots["tmp"], target_root=str(roots["tmp"] / "cs_test"))
+    default.setup("test")
+    assert [s for s in default.test_dataset.names] == list(cs["val"])
+    with pytest.raises(ValueError, match="test_split must be 'val' or 'test'"):
+        make_dm(roots["tmp"], test_split="train")

@@ -13,7 +13,7 @@ from uda_sam.data import GTA5, Cityscapes, make_toy_data
 from uda_sam.data import toy as toy_module
 from uda_sam.data.labels import LABEL_ID_TO_TRAIN_ID
 
-SMALL = dict(num_source=3, num_target_train=4, num_val=2, size=(64, 32), source_size=(72, 40))
+SMALL = dict(num_source=3, num_target_train=4, num_val=2, num_test=2, size=(64, 32), source_size=(72, 40))
 
 
 def test_layout_and_formats(tmp_path: Path) -> None:
@@ -53,6 +53,10 @@ def test_layout_and_formats(tmp_path: Path) -> None:
     assert val.names == ["cobbleford/cobbleford_000000_000019", "dunmore/dunmore_000000_000019"]
     mask = val[0]["mask"].numpy()
     assert np.array_equal(mask, LABEL_ID_TO_TRAIN_ID[np.asarray(gt)])
+    # a labelled test split of its own scenes and cities, for reporting on images nothing was chosen on
+    test = Cityscapes(root / "cityscapes", "test", size=None, labels="gt")
+    assert test.names == ["eastholm/eastholm_000000_000019", "fairhaven/fairhaven_000000_000019"]
+    assert not np.array_equal(test[0]["image"].numpy(), val[0]["image"].numpy())
     assert not list(tmp_path.glob(".toy.*"))  # no temporary folder left behind
 
 

@@ -79,8 +79,10 @@ def up(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def capture_losses(task: SegmentationTask) -> dict[str, Any]:
     captured: dict[str, Any] = {}
 
-    def record(total: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        captured.update(total=total, terms=terms)
+    def record(
+        total: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int, logits: Any = None
+    ) -> None:
+        captured.update(total=total, terms=terms, logits=logits)
 
     task.log_losses = record  # type: ignore[method-assign]
     return captured
@@ -351,7 +353,7 @@ def test_sam_export_round_trip(tmp_path: Path, tiny_network, toy_datamodule) -> 
     )
     exported = tmp_path / "sam.pt"  # default: <default_root_dir>/sam.pt without a logger
     payload = torch.load(exported, weights_only=True)
-    assert set(payload) == {"state_dict", "num_classes", "embed_channels", "kernel_size", "use_conv", "layer"}
+    assert set(payload) == {"state_dict", "num_classes", "embed_channels", "kernel_size", "use_conv", "layer", "attention_quality"}
     assert payload["num_classes"] == 19 and payload["layer"] == "prediction"
     trained = state_copy(task.sam)
     assert not torch.equal(

@@ -28,6 +28,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from uda_sam.callbacks import (
         AttentionVisualization,
+        DivergenceMonitor,
         EntropyAnalysisCallback,
         PredictionWriter,
         PseudoLabelRegeneration,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         DeepLabV2,
         FCN8s,
         SelfAttentionModule,
+        logit_norm,
         relu_cosine_similarity,
         segmentation_loss,
         self_attention_loss,
@@ -63,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "SelfAttentionModule": "uda_sam.nn",
     "self_attention_loss": "uda_sam.nn",
     "segmentation_loss": "uda_sam.nn",
+    "logit_norm": "uda_sam.nn",
     "relu_cosine_similarity": "uda_sam.nn",
     "load_sam": "uda_sam.sam_io",
     "save_sam": "uda_sam.sam_io",
@@ -96,6 +99,7 @@ _EXPORTS: dict[str, str] = {
     "PredictionWriter": "uda_sam.callbacks",
     "EntropyAnalysisCallback": "uda_sam.callbacks",
     "AttentionVisualization": "uda_sam.callbacks",
+    "DivergenceMonitor": "uda_sam.callbacks",
 }
 
 __all__ = [
@@ -103,6 +107,7 @@ __all__ = [
     "SelfAttentionModule",
     "self_attention_loss",
     "segmentation_loss",
+    "logit_norm",
     "relu_cosine_similarity",
     "load_sam",
     "save_sam",
@@ -131,6 +136,7 @@ __all__ = [
     "PredictionWriter",
     "EntropyAnalysisCallback",
     "AttentionVisualization",
+    "DivergenceMonitor",
 ]
 
 

@@ -11,6 +11,9 @@ Everything here is plain torch + numpy and returns tensors or arrays a user can 
   pixels ``j``, for the network's logits ``P`` and for ``P~ = P + SAM(P)``.
 - Eq. (13), Fig. E.4: ``relu(cos(P_i, P_j))`` for all pixel pairs, next to the same for one-hot ground-truth rows
   (labels resized by nearest neighbour to the logit size ``h x w``).
+- Attention quality (the method's premise, that SAM attends to pixels of the same class): the mean entropy of the
+  attention rows against uniform attention, and the share of a row's attention mass on pixels of the row's own
+  ground-truth class against the chance level, the share of such pixels (:class:`AttentionQuality`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from uda_sam.data.transforms import denormalize as _denormalize_chw
 from uda_sam.nn.sam import relu_cosine_similarity
 
 __all__ = [
+    "AttentionQuality",
     "EntropyAnalysis",
     "attention_maps",
     "denormalize",
@@ -37,6 +41,7 @@ __all__ = [
     "eval_mode",
     "jet_colormap",
     "label_similarity",
+    "measure_attention_quality",
     "most_confident_pixel",
     "overlay",
     "pixel_entropy",
@@ -460,6 +465,125 @@ def similarity_matrices(
         grid_labels.reshape(size), num_classes=pooled.shape[0], ignore_index=ignore_index
     )
     return {"logits": logit_sim, "labels": label_sim[order][:, order], "size": size, "order": order}
+
+
+# ------------------------------------------------------------------------------------------ attention quality
+class AttentionQuality:
+    """Does an attention attend to pixels of the same class? Running sums over images, exact in row blocks.
+
+    For every attention row ``i`` whose (nearest-resized) ground-truth label ``y_i`` is not ignored:
+
+    - ``entropy``: ``-sum_j Â_ij log Â_ij`` (nats), against ``uniform_entropy = log N`` (attention spread evenly);
+    - ``same_class_share``: ``sum_{j: y_j = y_i} Â_ij``, the attention mass on the row's own class, against
+      ``chance_share``: ``#{j: y_j = y_i} / N``, what an attention blind to the content would put there.
+
+    :meth:`compute` averages each over all rows seen. A SAM that learnt inter-pixel correlations has an entropy
+    clearly below uniform and a same-class share clearly above chance; ``lift`` is their ratio.
+
+    Args:
+        num_classes: Classes of the labels.
+        ignore_index: Rows of pixels with this label are skipped (as columns they count as another class).
+        block_size: Attention rows computed at a time (memory ``O(block_size * N)``).
+    """
+
+    def __init__(
+        self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX, block_size: int = 1024
+    ):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.block_size = block_size
+        self.sums = torch.zeros(4, dtype=torch.float64)  # entropy, log N, same-class share, chance share
+        self.rows = 0
+        self.images = 0
+
+    def update(self, query: Tensor, labels: Tensor) -> None:
+        """Add a batch: ``query`` are the SAM's ``Q = Conv(P)`` maps ``(B, C', h, w)`` (the attention is
+        ``rownorm(relu(cos(Q_i, Q_j)))``), ``labels`` ``(B, H, W)`` trainIds, resized here to ``h x w``."""
+        if query.dim() != 4 or labels.dim() != 3 or labels.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"query must be (B, C', h, w) and labels (B, H, W) with the same B; got {tuple(query.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        size = (int(query.shape[-2]), int(query.shape[-1]))
+        for q, y in zip(query.detach(), labels, strict=True):
+            self._update_image(q.flatten(1).t(), _resize_labels(y.to(q.device), size).flatten())
+
+    def _update_image(self, rows: Tensor, labels: Tensor) -> None:
+        num = rows.shape[0]
+        valid = labels != self.ignore_index
+        # Ignored pixels share a class of their own (index num_classes): never the class of a counted row.
+        groups = torch.where(valid, labels, torch.full_like(labels, self.num_classes))
+        onehot = F.one_hot(groups, self.num_classes + 1).to(torch.float64)
+        counts = onehot.sum(0)
+        qhat = F.normalize(rows.to(torch.float64), dim=-1, eps=1e-8)
+        for start in range(0, num, self.block_size):
+            stop = min(start + self.block_size, num)
+            keep = valid[start:stop]
+            if not bool(keep.any()):
+                continue
+            relu_sim = (qhat[start:stop] @ qhat.t()).clamp_min(0.0)
+            attention = relu_sim / relu_sim.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            entropy = torch.special.entr(attention).sum(-1)
+            same = ((attention @ onehot) * onehot[start:stop]).sum(-1)
+            chance = counts[groups[start:stop]] / num
+            self.sums += torch.stack(
+                [
+                    entropy[keep].sum(),
+                    torch.tensor(math.log(num) * int(keep.sum()), dtype=torch.float64),
+                    same[keep].sum(),
+                    chance[keep].sum(),
+                ]
+            ).cpu()
+            self.rows += int(keep.sum())
+        self.images += 1
+
+    def compute(self) -> dict[str, float]:
+        """``{"entropy", "uniform_entropy", "same_class_share", "chance_share", "lift", "images", "rows"}``."""
+        if self.rows == 0:
+            raise ValueError("AttentionQuality.compute: no labelled pixel was seen")
+        entropy, uniform, same, chance = (float(v) / self.rows for v in self.sums)
+        return {
+            "entropy": entropy,
+            "uniform_entropy": uniform,
+            "same_class_share": same,
+            "chance_share": chance,
+            "lift": same / chance if chance > 0 else float("nan"),
+            "images": float(self.images),
+            "rows": float(self.rows),
+        }
+
+
+def measure_attention_quality(
+    network: nn.Module,
+    sam: nn.Module,
+    dataset: Any,
+    device: torch.device | str = "cpu",
+    max_images: int | None = None,
+    indices: Sequence[int] | None = None,
+) -> AttentionQuality:
+    """Run ``network`` and ``sam``'s transform over labelled images and accumulate :class:`AttentionQuality`.
+
+    Args:
+        network: Returns pre-upsample logits ``(B, C, h, w)`` (put in eval mode for the pass, then restored).
+        sam: A :class:`~uda_sam.nn.SelfAttentionModule` (its ``transform`` gives ``Q``; prediction layer only).
+        dataset: Samples ``{"image", "mask"}`` with ground-truth masks.
+        device: Where to run.
+        max_images: Use at most this many images (the first ones, or the first of ``indices``).
+        indices: The images to use (e.g. one DDP rank's share); default all.
+
+    Returns:
+        The accumulator (sum it across processes through its ``sums``, ``rows`` and ``images``).
+    """
+    chosen = list(range(len(dataset))) if indices is None else list(indices)
+    if max_images is not None:
+        chosen = chosen[:max_images]
+    quality = AttentionQuality(num_classes=int(getattr(network, "num_classes", NUM_CLASSES)))
+    with eval_mode(network, sam), torch.no_grad():
+        for index in chosen:
+            sample = dataset[index]
+            logits = network(sample["image"][None].to(device))
+            quality.update(sam.transform(logits), sample["mask"][None])
+    return quality
 
 
 # ----------------------------------------------------------------------------------------------------- display

@@ -3,7 +3,11 @@
 An exported SAM file is a plain dict written with :func:`torch.save` and read back with ``weights_only=True``::
 
     {"state_dict": {...}, "num_classes": C, "embed_channels": C', "kernel_size": k, "use_conv": bool,
-     "layer": "prediction" | "feature"}
+     "layer": "prediction" | "feature", "attention_quality": {domain: {figure: value}}}   # the last one optional
+
+``attention_quality`` holds what :class:`~uda_sam.tasks.SAMPretraining` measured of the SAM's attention on labelled
+held-out images (:class:`~uda_sam.analysis.AttentionQuality`); :func:`read_attention_quality` reads it back and
+:func:`attention_warning` says when it shows an attention close to uniform.
 
 ``num_classes`` is the number of input channels the SAM was built for: the classes for the prediction layer,
 the classifier's input channels for the feature layer. :func:`load_sam` also accepts a Lightning checkpoint of
@@ -25,10 +29,13 @@ from uda_sam.files import write_atomically
 from uda_sam.nn import SelfAttentionModule
 
 __all__ = [
+    "MIN_ATTENTION_LIFT",
     "SAM_FILE_KEYS",
+    "attention_warning",
     "load_network_weights",
     "load_sam",
     "network_state_dict",
+    "read_attention_quality",
     "read_checkpoint",
     "sam_config",
     "save_sam",
@@ -43,6 +50,9 @@ SAM_FILE_KEYS: tuple[str, ...] = (
     "use_conv",
     "layer",
 )
+
+#: A SAM whose same-class attention share is below this multiple of chance is reported as near uniform.
+MIN_ATTENTION_LIFT: float = 1.2
 
 _EXPECTED = (
     "an exported SAM file (a dict with keys "
@@ -69,6 +79,7 @@ def save_sam(
     sam: SelfAttentionModule,
     path: str | os.PathLike[str],
     layer: Literal["prediction", "feature"] = "prediction",
+    attention_quality: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write ``sam`` as an exported SAM file, atomically (temporary file in the same folder, then rename).
 
@@ -76,15 +87,44 @@ def save_sam(
         sam: The module to export.
         path: Destination file; parent folders are created.
         layer: The layer the SAM was trained on.
+        attention_quality: Optional ``{domain: {figure: value}}`` measured of its attention, stored with it.
 
     Returns:
         The path written.
     """
-    payload = {
+    payload: dict[str, Any] = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in sam.state_dict().items()},
         **sam_config(sam, layer),
     }
+    if attention_quality:
+        payload["attention_quality"] = {
+            str(domain): {str(k): float(v) for k, v in figures.items()}
+            for domain, figures in attention_quality.items()
+        }
     return write_atomically(path, lambda handle: torch.save(payload, handle))
+
+
+def read_attention_quality(path: str | os.PathLike[str]) -> dict[str, dict[str, float]] | None:
+    """The attention quality stored in an exported SAM file, or ``None`` (older files, checkpoints)."""
+    obj = read_checkpoint(path, "sam")
+    quality = obj.get("attention_quality") if isinstance(obj, Mapping) else None
+    return {str(d): dict(f) for d, f in quality.items()} if isinstance(quality, Mapping) else None
+
+
+def attention_warning(figures: Mapping[str, float]) -> str | None:
+    """A message when measured attention is close to uniform (same-class share below ``MIN_ATTENTION_LIFT`` x
+    chance), else ``None``. Such a SAM mixes each pixel with the whole image: the self-attention loss then pushes
+    every pixel towards the image's dominant classes instead of towards its own class."""
+    lift = float(figures.get("lift", float("nan")))
+    if not lift < MIN_ATTENTION_LIFT:
+        return None
+    return (
+        f"the attention is close to uniform: {figures['same_class_share']:.3f} of a row's attention lands on its "
+        f"own class against {figures['chance_share']:.3f} by chance (lift {lift:.2f} < {MIN_ATTENTION_LIFT}), row "
+        f"entropy {figures['entropy']:.3f} against {figures['uniform_entropy']:.3f} for uniform attention; the SAM "
+        "has not learnt which pixels belong together (train it longer, at a higher resolution, or from a "
+        "pretrained network)"
+    )
 
 
 def read_checkpoint(path: str | os.PathLike[str], option: str, expected: str = _EXPECTED) -> Any:

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from uda_sam.nn import SelfAttentionModule, self_attention_loss
+from uda_sam.nn import SelfAttentionModule, logit_norm, self_attention_loss
 from uda_sam.nn.losses import SelfAttentionDistance, SelfAttentionTarget
 from uda_sam.sam_io import load_sam
 from uda_sam.tasks.base import check_choice
@@ -67,6 +67,9 @@ class SelfAttentionLoss(Callback):
         distance: ``"l2"`` (the paper's), ``"kl"`` or ``"cosine"`` (Tab. A.5).
         logits_key: The key of the logits in the dict ``training_step`` returns.
         log_name: The name the term is logged under.
+        log_logit_norm: Also log the logits' scale as ``train/logit_norm`` (the mean over the tensors of
+            :func:`uda_sam.nn.logit_norm`), which :class:`~uda_sam.callbacks.DivergenceMonitor` watches; turn it off
+            when the host logs that key itself.
 
     Raises:
         FileNotFoundError: If ``sam`` is a path that does not exist.
@@ -84,6 +87,7 @@ class SelfAttentionLoss(Callback):
         distance: SelfAttentionDistance = "l2",
         logits_key: str = "sam_logits",
         log_name: str = "train/loss_sa",
+        log_logit_norm: bool = True,
     ) -> None:
         check_choice("target", target, get_args(SelfAttentionTarget))
         check_choice("distance", distance, get_args(SelfAttentionDistance))
@@ -104,6 +108,7 @@ class SelfAttentionLoss(Callback):
         self.distance: SelfAttentionDistance = distance
         self.logits_key = logits_key
         self.log_name = log_name
+        self.log_logit_norm = bool(log_logit_norm)
         self._wrapped: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------------------------------- fit life cycle
@@ -178,9 +183,11 @@ class SelfAttentionLoss(Callback):
                 self_attention_loss(p, self.sam, target=self.target, distance=self.distance) for p in logits
             )
         assert isinstance(term, Tensor)
-        pl_module.log(
-            self.log_name, term.detach(), on_step=True, on_epoch=False, batch_size=logits[0].shape[0]
-        )
+        batch_size = logits[0].shape[0]
+        pl_module.log(self.log_name, term.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        if self.log_logit_norm:
+            norm = torch.stack([logit_norm(p) for p in logits]).mean()
+            pl_module.log("train/logit_norm", norm, on_step=True, on_epoch=False, batch_size=batch_size)
         if self.weight == 0:
             return output
         return {**output, "loss": output["loss"] + self.weight * term}

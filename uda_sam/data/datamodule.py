@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from uda_sam.data.base import check_limit
 from uda_sam.data.cityscapes import Cityscapes
@@ -51,8 +51,9 @@ class UDADataModule(LightningDataModule):
     ``trainer.max_steps`` (epochs simply continue). Under DDP, Lightning replaces each domain's sampler with a
     ``DistributedSampler`` (``use_distributed_sampler=True``, the default), so every rank sees its own shard.
 
-    Target training masks are the pseudo labels of ``pseudo_label_root`` when set, else all 255. Validation and
-    test run on Cityscapes val (image at ``target_size``; mask at full resolution when ``val_label_size="full"``).
+    Target training masks are the pseudo labels of ``pseudo_label_root`` when set, else all 255. Validation runs on
+    Cityscapes val (image at ``target_size``; mask at full resolution when ``val_label_size="full"``), test on
+    ``test_split`` (val for Cityscapes, whose test labels are not public; the toy pair's labelled ``test``).
     The toy domain pair (:func:`uda_sam.data.toy.make_toy_data`) is read with ``source="gta5"``.
 
     Args:
@@ -77,9 +78,15 @@ class UDADataModule(LightningDataModule):
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
         val_limit: evaluate on the first ``val_limit`` validation images only (``None`` = all 500).
         source_list_file: optional list of source image names (one per line) instead of every file.
+        source_holdout: the last ``source_holdout`` source images (in list or file order) are kept out of
+            training, for diagnostics on labelled source images nothing trained on (the SAM's attention quality,
+            :meth:`source_holdout_dataset`); 0 trains on every image.
         target_list_file: optional list of Cityscapes train image names instead of every file.
         target_labels: masks of the target training images: ``"pseudo"`` (the pseudo labels, or all 255 before
             any exist; the UDA setting) or ``"gt"`` (the Cityscapes ground truth: the target-supervised "Oracle").
+        test_split: the Cityscapes split ``test`` / ``trainer.test`` scores: ``"val"`` (Cityscapes' public
+            labels) or ``"test"`` (a labelled test split, e.g. the toy pair's, for reporting on images that no
+            setting was chosen on).
         steps_per_epoch: if set, every training epoch is exactly this many steps (each domain draws
             ``steps_per_epoch x batch_size`` images per process, reshuffled, cycling through its set), so that
             generation boundaries of :class:`~uda_sam.callbacks.PseudoLabelRegeneration` can fall on epoch ends.
@@ -107,8 +114,10 @@ class UDADataModule(LightningDataModule):
         persistent_workers: bool = True,
         val_limit: int | None = None,
         source_list_file: str | None = None,
+        source_holdout: int = 0,
         target_list_file: str | None = None,
         target_labels: Literal["pseudo", "gt"] = "pseudo",
+        test_split: Literal["val", "test"] = "val",
         steps_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
@@ -126,8 +135,12 @@ class UDADataModule(LightningDataModule):
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         if target_labels not in ("pseudo", "gt"):
             raise ValueError(f"target_labels must be 'pseudo' or 'gt', got {target_labels!r}")
+        if test_split not in ("val", "test"):
+            raise ValueError(f"test_split must be 'val' or 'test', got {test_split!r}")
         check_limit(steps_per_epoch, "steps_per_epoch")
         check_limit(val_limit, "val_limit")
+        if not isinstance(source_holdout, int) or source_holdout < 0:
+            raise ValueError(f"source_holdout must be a non-negative integer, got {source_holdout!r}")
         self.save_hyperparameters()
 
         self.source = source
@@ -149,13 +162,16 @@ class UDADataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.val_limit = val_limit
         self.source_list_file = source_list_file
+        self.source_holdout = source_holdout
         self.target_list_file = target_list_file
         self.target_labels = target_labels
+        self.test_split = test_split
         self.steps_per_epoch = steps_per_epoch
 
         self.source_train: Dataset | None = None
         self.target_train: Cityscapes | None = None
         self.val_dataset: Cityscapes | None = None
+        self.test_dataset: Cityscapes | None = None
         self.predict_dataset: Cityscapes | None = None
 
     # ----------------------------------------------------------------------------------------------- datasets
@@ -167,18 +183,36 @@ class UDADataModule(LightningDataModule):
             "hflip": self.hflip,
         }
 
-    def _make_source(self) -> Dataset:
+    def _make_source(self, augment: bool = True) -> Dataset:
+        options = self._augment() if augment else {"normalization": self.normalization}
         if self.source == "gta5":
             return GTA5(
                 self.source_root,
                 image_root=self.source_image_root,
                 size=self.source_size,
                 list_file=self.source_list_file,
-                **self._augment(),
+                **options,
             )
-        return Synthia(
-            self.source_root, size=self.source_size, list_file=self.source_list_file, **self._augment()
-        )
+        return Synthia(self.source_root, size=self.source_size, list_file=self.source_list_file, **options)
+
+    def _make_source_train(self) -> Dataset:
+        dataset = self._make_source()
+        if self.source_holdout == 0:
+            return dataset
+        kept = len(dataset) - self.source_holdout  # type: ignore[arg-type]
+        if kept < 1:
+            raise ValueError(
+                f"source_holdout={self.source_holdout} keeps no training image out of the {len(dataset)} source "  # type: ignore[arg-type]
+                "images; lower it"
+            )
+        return Subset(dataset, range(kept))
+
+    def source_holdout_dataset(self) -> Dataset | None:
+        """The ``source_holdout`` source images kept out of training, without augmentation (``None`` if 0)."""
+        if self.source_holdout == 0:
+            return None
+        dataset = self._make_source(augment=False)
+        return Subset(dataset, range(len(dataset) - self.source_holdout, len(dataset)))  # type: ignore[arg-type]
 
     def _make_target_train(self) -> Cityscapes:
         return Cityscapes(
@@ -191,10 +225,12 @@ class UDADataModule(LightningDataModule):
             **self._augment(),
         )
 
-    def _make_val(self, limit: int | None, labels: Literal["gt", "optional"] = "gt") -> Cityscapes:
+    def _make_val(
+        self, limit: int | None, labels: Literal["gt", "optional"] = "gt", split: str = "val"
+    ) -> Cityscapes:
         return Cityscapes(
             self.target_root,
-            split="val",
+            split=split,
             size=self.target_size,
             labels=labels,
             label_size=self.val_label_size,
@@ -232,12 +268,14 @@ class UDADataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build (and validate, with errors naming the missing paths) the datasets the stage needs."""
         if stage in (None, "fit"):
-            self.source_train = self._make_source()
+            self.source_train = self._make_source_train()
             self._check_enough(self.source_train, f"source ({self.source})")
             self.target_train = self._make_target_train()
             self._check_enough(self.target_train, "target (Cityscapes train)")
-        if stage in (None, "fit", "validate", "test"):
+        if stage in (None, "fit", "validate"):
             self.val_dataset = self._make_val(self.val_limit)
+        if stage in (None, "test"):
+            self.test_dataset = self._make_val(None, split=self.test_split)
         if stage in (None, "predict"):
             self.predict_dataset = self._make_val(None, labels="optional")
 
@@ -301,8 +339,8 @@ class UDADataModule(LightningDataModule):
         return self._eval_loader(self._require(self.val_dataset, "validate"))
 
     def test_dataloader(self) -> DataLoader:
-        """Cityscapes val with ground truth (the test split has no public labels)."""
-        return self._eval_loader(self._require(self.val_dataset, "test"))
+        """``test_split`` with ground truth (Cityscapes val by default: its test split has no public labels)."""
+        return self._eval_loader(self._require(self.test_dataset, "test"))
 
     def predict_dataloader(self) -> DataLoader:
         """Cityscapes val images (masks from ground truth where present)."""

@@ -46,9 +46,10 @@ from uda_sam.data.labels import label_id_palette
 from uda_sam.data.transforms import check_size
 
 MANIFEST = "toy_manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a labelled test split
 TRAIN_CITIES = ("arcadia", "brickton")
 VAL_CITIES = ("cobbleford", "dunmore")
+TEST_CITIES = ("eastholm", "fairhaven")
 
 # Cityscapes labelIds used by the toy scenes.
 EGO, ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE = 1, 7, 8, 11, 12, 13, 17
@@ -699,6 +700,7 @@ def make_toy_data(
     num_source: int = 200,
     num_target_train: int = 200,
     num_val: int = 50,
+    num_test: int = 100,
     size: Sequence[int] = (256, 128),
     source_size: Sequence[int] | None = (288, 160),
     seed: int = 0,
@@ -710,8 +712,11 @@ def make_toy_data(
         root/toy_manifest.json                 # generation parameters; marks a finished set
         root/gta5/images/00001.png ...         # source, RGB
         root/gta5/labels/00001.png ...         # palette PNG, indices = Cityscapes labelIds
-        root/cityscapes/leftImg8bit/{train,val}/<city>/<city>_<seq:06>_000019_leftImg8bit.png
-        root/cityscapes/gtFine/{train,val}/<city>/<city>_<seq:06>_000019_gtFine_labelIds.png   # uint8 'L'
+        root/cityscapes/leftImg8bit/{train,val,test}/<city>/<city>_<seq:06>_000019_leftImg8bit.png
+        root/cityscapes/gtFine/{train,val,test}/<city>/<city>_<seq:06>_000019_gtFine_labelIds.png   # uint8 'L'
+
+    Unlike Cityscapes, the toy's ``test`` split is labelled: other scenes (and city names) than ``val``, drawn by the
+    same generator, for reporting results on images that no setting was chosen on (``data.test_split: test``).
 
     Generation is deterministic in its arguments. The set is written to a temporary sibling folder and renamed
     into place when complete, so an interrupted run leaves nothing half-written at ``root``. Calling again with
@@ -722,6 +727,7 @@ def make_toy_data(
         num_source: number of source (game) images.
         num_target_train: number of target (real) training images (with labels, for oracle runs).
         num_val: number of target validation images.
+        num_test: number of labelled target test images.
         size: ``(width, height)`` of the target images.
         source_size: ``(width, height)`` of the source images (``None`` = ``size``).
         seed: base seed; each image has its own generator derived from ``(seed, stream, index)``.
@@ -737,6 +743,7 @@ def make_toy_data(
         ("num_source", num_source),
         ("num_target_train", num_target_train),
         ("num_val", num_val),
+        ("num_test", num_test),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -753,6 +760,7 @@ def make_toy_data(
         "num_source": num_source,
         "num_target_train": num_target_train,
         "num_val": num_val,
+        "num_test": num_test,
         "size": list(target_wh),
         "source_size": list(source_wh),
         "seed": seed,
@@ -787,6 +795,7 @@ def make_toy_data(
         cityscapes = tmp / "cityscapes"
         _write_cityscapes(cityscapes, "train", TRAIN_CITIES, num_target_train, target_wh, seed, stream=1)
         _write_cityscapes(cityscapes, "val", VAL_CITIES, num_val, target_wh, seed, stream=2)
+        _write_cityscapes(cityscapes, "test", TEST_CITIES, num_test, target_wh, seed, stream=3)
         info = {
             "parameters": params,
             "source": {"format": "gta5", "path": "gta5", "layout": asdict(GAME_LAYOUT)},
@@ -795,6 +804,7 @@ def make_toy_data(
                 "path": "cityscapes",
                 "train_cities": TRAIN_CITIES,
                 "val_cities": VAL_CITIES,
+                "test_cities": TEST_CITIES,
                 "layout": asdict(REAL_LAYOUT),
             },
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .backbones import DilatedResNet, build_vgg16_features, read_state_dict_file
 from .deeplabv2 import AtrousClassifier, DeepLabV2
 from .fcn8s import FCN8s
-from .losses import segmentation_loss, self_attention_loss
+from .losses import logit_norm, segmentation_loss, self_attention_loss
 from .sam import (
     AUTO_FULL_MAX_BYTES,
     SelfAttentionModule,
@@ -28,6 +28,7 @@ __all__ = [
     "SelfAttentionModule",
     "attention_map",
     "build_vgg16_features",
+    "logit_norm",
     "normalize_rows",
     "read_state_dict_file",
     "relu_cosine_attention",

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from .sam import _no_autocast
 
-__all__ = ["SelfAttentionDistance", "SelfAttentionTarget", "segmentation_loss", "self_attention_loss"]
+__all__ = [
+    "SelfAttentionDistance",
+    "SelfAttentionTarget",
+    "logit_norm",
+    "segmentation_loss",
+    "self_attention_loss",
+]
 
 SelfAttentionTarget = Literal["residual", "attended"]
 SelfAttentionDistance = Literal["l2", "kl", "cosine"]
@@ -21,6 +27,23 @@ def _check_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must have shape (B, C, h, w); got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor; got dtype {logits.dtype}")
+
+
+def logit_norm(logits: Tensor) -> Tensor:
+    """The mean L2 norm of a pixel's logit row, ``mean_i |P_i|`` over the ``B * h * w`` pixels (no gradient).
+
+    The scale of the logits: it grows a few times while a network becomes confident and by orders of magnitude when
+    a loss drives the logits away (docs/METHOD.md, "Stability of (8)"). Logged as ``train/logit_norm``.
+
+    Args:
+        logits: ``(B, C, h, w)`` logits.
+
+    Returns:
+        A float32 scalar tensor on the logits' device.
+    """
+    _check_logits(logits)
+    with torch.no_grad():
+        return logits.detach().float().norm(dim=1).mean()
 
 
 def segmentation_loss(

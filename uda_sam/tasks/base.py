@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, NUM_CLASSES
 from uda_sam.metrics import SegmentationMetrics, format_iou_table
-from uda_sam.nn import segmentation_loss
+from uda_sam.nn import logit_norm, segmentation_loss
 from uda_sam.tasks.media import (
     ValidationExample,
     find_wandb_logger,
@@ -181,12 +181,17 @@ class SegmentationTask(LightningModule):
             return batch["source"], batch.get("target")
         return batch, None
 
-    def log_losses(self, total: Tensor, terms: dict[str, Tensor], batch_size: int) -> None:
-        """Log ``train/loss`` (the total), each term as ``train/<name>`` and each group's ``train/lr_<group>``."""
+    def log_losses(
+        self, total: Tensor, terms: dict[str, Tensor], batch_size: int, logits: Tensor | None = None
+    ) -> None:
+        """Log ``train/loss`` (the total), each term as ``train/<name>``, each group's ``train/lr_<group>`` and,
+        given the step's ``logits``, their scale as ``train/logit_norm`` (see :func:`uda_sam.nn.logit_norm`)."""
         self.log(
             "train/loss", total.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
         )
         values = {f"train/{name}": value.detach() for name, value in terms.items()}
+        if logits is not None:
+            values["train/logit_norm"] = logit_norm(logits)
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
         # Learning rates are Python floats: logging one makes a host-to-device copy, which waits for the GPU.
         # Log them only on the steps the logger writes: Lightning writes after the step where
@@ -209,8 +214,9 @@ class SegmentationTask(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Source cross-entropy (1) only (the "No Pseudo" objective)."""
         source, _ = self.split_batch(batch)
-        loss = self.segmentation_loss(self.network(source["image"]), source["mask"])
-        self.log_losses(loss, {"loss_seg_source": loss}, batch_size=len(source["image"]))
+        logits = self.network(source["image"])
+        loss = self.segmentation_loss(logits, source["mask"])
+        self.log_losses(loss, {"loss_seg_source": loss}, batch_size=len(source["image"]), logits=logits)
         return loss
 
     # ------------------------------------------------------------------------------------ optimisation

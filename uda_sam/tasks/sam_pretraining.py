@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from uda_sam.analysis import AttentionQuality, measure_attention_quality
 from uda_sam.nn import SelfAttentionModule
 from uda_sam.nn.sam import AttentionImpl
-from uda_sam.sam_io import sam_config, save_sam
+from uda_sam.sam_io import attention_warning, sam_config, save_sam
 from uda_sam.tasks.base import SegmentationTask, check_choice
 
 __all__ = ["SAMPretraining"]
@@ -38,6 +41,12 @@ class SAMPretraining(SegmentationTask):
         layer: ``"prediction"`` (SAM over the logits ``P``) or ``"feature"`` (over the classifier's input).
         sam_export_path: Where :meth:`on_train_end` writes the SAM file; ``None`` = ``<log_dir>/sam.pt``
             (``trainer.log_dir``, else ``trainer.default_root_dir``).
+        attention_images: At the end of training, the SAM's attention is measured on up to this many labelled
+            images per domain that nothing trained on: the datamodule's held-out source images
+            (``data.source_holdout``) and the target validation split (a diagnostic; its labels train nothing).
+            Mean row entropy against uniform attention, and the share of a row's attention on its own
+            ground-truth class against chance (:class:`~uda_sam.analysis.AttentionQuality`); logged as
+            ``sam/<domain>/<figure>``, kept in :attr:`attention_quality` and written into the SAM file. 0 skips it.
         **kwargs: Optimiser, schedule and evaluation options of :class:`~uda_sam.tasks.SegmentationTask`. The SAM's
             parameters get the classifier's learning rate (``lr * classifier_lr_mult``).
     """
@@ -51,10 +60,13 @@ class SAMPretraining(SegmentationTask):
         skip_connection: bool = True,
         layer: Literal["prediction", "feature"] = "prediction",
         sam_export_path: str | None = None,
+        attention_images: int = 100,
         **kwargs: Any,
     ) -> None:
         check_choice("layer", layer, ("prediction", "feature"))
         check_choice("sam_impl", sam_impl, ("auto", "full", "blockwise"))
+        if attention_images < 0:
+            raise ValueError(f"attention_images must be >= 0, got {attention_images!r}")
         super().__init__(network, **kwargs)
         if layer == "feature":
             missing = [name for name in ("classifier", "feature_channels") if not hasattr(network, name)]
@@ -70,6 +82,9 @@ class SAMPretraining(SegmentationTask):
         self.skip_connection = bool(skip_connection)
         self.layer: Literal["prediction", "feature"] = layer
         self.sam_export_path = sam_export_path
+        self.attention_images = int(attention_images)
+        #: ``{domain: figures}`` measured at the end of training (see ``attention_images``).
+        self.attention_quality: dict[str, dict[str, float]] = {}
 
     def forward(self, image: Tensor) -> Tensor:
         """The trained output: logits of ``P + SAM(P)`` (or ``SAM(P)``), or their feature-layer counterpart."""
@@ -84,8 +99,9 @@ class SAMPretraining(SegmentationTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Cross-entropy (1) of the SAM-refined source logits."""
         source, _ = self.split_batch(batch)
-        loss = self.segmentation_loss(self(source["image"]), source["mask"])
-        self.log_losses(loss, {"loss_seg_source": loss}, batch_size=len(source["image"]))
+        logits = self(source["image"])
+        loss = self.segmentation_loss(logits, source["mask"])
+        self.log_losses(loss, {"loss_seg_source": loss}, batch_size=len(source["image"]), logits=logits)
         return loss
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
@@ -97,8 +113,60 @@ class SAMPretraining(SegmentationTask):
         return groups
 
     def export_sam(self, path: str | os.PathLike[str]) -> Path:
-        """Write the SAM's weights and configuration to ``path`` (atomically); see :mod:`uda_sam.sam_io`."""
-        return save_sam(self.sam, path, layer=self.layer)
+        """Write the SAM's weights, configuration and attention quality to ``path`` (atomically); see
+        :mod:`uda_sam.sam_io`."""
+        return save_sam(self.sam, path, layer=self.layer, attention_quality=self.attention_quality or None)
+
+    def measure_attention(self) -> dict[str, dict[str, float]]:
+        """Measure the SAM's attention quality on the datamodule's labelled held-out images (every process).
+
+        Each process takes every ``world_size``-th image; the sums are reduced across processes.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.layer != "prediction" or self.attention_images == 0 or datamodule is None:
+            return {}
+        domains = {
+            "source": getattr(datamodule, "source_holdout_dataset", lambda: None)(),
+            "target": getattr(datamodule, "val_dataset", None),
+        }
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        results = {}
+        for domain, dataset in domains.items():
+            if dataset is None:
+                continue
+            count = min(self.attention_images, len(dataset))
+            quality = measure_attention_quality(
+                self.network, self.sam, dataset, self.device, indices=range(rank, count, world)
+            )
+            totals = torch.cat(
+                [quality.sums, torch.tensor([quality.rows, quality.images], dtype=torch.float64)]
+            ).to(self.device)
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
+            summed = AttentionQuality()
+            summed.sums, summed.rows, summed.images = totals[:4], int(totals[4]), int(totals[5])
+            if summed.rows:
+                results[domain] = summed.compute()
+        return results
+
+    def _report_attention(self) -> None:
+        for domain, figures in self.attention_quality.items():
+            where = "held-out source" if domain == "source" else "target val"
+            rank_zero_info(
+                f"SAM attention on {int(figures['images'])} {where} images: {figures['same_class_share']:.3f} of a "
+                f"row's attention on its own class (chance {figures['chance_share']:.3f}, lift "
+                f"{figures['lift']:.2f}); row entropy {figures['entropy']:.3f} (uniform {figures['uniform_entropy']:.3f})"
+            )
+            warning = attention_warning(figures)
+            if warning:
+                rank_zero_warn(f"SAM pretraining, {where} images: {warning}")
+        if self.trainer.is_global_zero:
+            metrics = {
+                f"sam/{domain}/{name}": value
+                for domain, figures in self.attention_quality.items()
+                for name, value in figures.items()
+            }
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
     def resolve_export_path(self) -> Path:
         """``sam_export_path``, or ``sam.pt`` in the trainer's log directory. Call it on every process."""
@@ -108,7 +176,9 @@ class SAMPretraining(SegmentationTask):
         return Path(log_dir) / "sam.pt"
 
     def on_train_end(self) -> None:
-        """Export the SAM (rank 0) when training finishes."""
+        """Measure the SAM's attention (every rank) and export the SAM (rank 0) when training finishes."""
+        self.attention_quality = self.measure_attention()
+        self._report_attention()
         path = self.resolve_export_path()  # trainer.log_dir broadcasts: every rank must ask
         if self.trainer.is_global_zero:
             self.export_sam(path)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from uda_sam.nn import SelfAttentionModule, self_attention_loss
 from uda_sam.nn.losses import SelfAttentionDistance, SelfAttentionTarget
-from uda_sam.sam_io import load_sam, sam_config
+from uda_sam.sam_io import attention_warning, load_sam, read_attention_quality, sam_config
 from uda_sam.tasks.base import SegmentationTask, check_choice
 
 __all__ = ["SelfTraining"]
@@ -139,7 +139,14 @@ class SelfTraining(SegmentationTask):
                 f"lambda_sa > 0 on the {layer} layer needs {option}: an exported SAM file (sam.pt) or a "
                 "SAMPretraining checkpoint (.ckpt); or set sam_use_conv: false (No Conv) or lambda_sa: 0 (Pseudo-Only)"
             )
-        return load_sam(path, expected_channels=channels, layer=layer, option=option)
+        sam = load_sam(path, expected_channels=channels, layer=layer, option=option)
+        for domain, figures in (read_attention_quality(path) or {}).items():
+            warning = attention_warning(figures)
+            if warning:
+                rank_zero_warn(
+                    f"{option}={path}: on the {domain} images measured at its pretraining, {warning}"
+                )
+        return sam
 
     def _frozen_sams(self) -> list[SelfAttentionModule]:
         return [sam for sam in (self.sam, self.feature_sam) if sam is not None]
@@ -177,7 +184,7 @@ class SelfTraining(SegmentationTask):
         """One step of (10) / (11); every term is logged separately."""
         source, target = self.split_batch(batch)
         terms: dict[str, Tensor] = {}
-        logits_s = features_s = None
+        logits_s = features_s = logits_t = None
         if self.use_source:
             logits_s, features_s = self._run(source["image"])
             terms["loss_seg_source"] = self.segmentation_loss(logits_s, source["mask"])
@@ -198,7 +205,9 @@ class SelfTraining(SegmentationTask):
         attention = [v for k, v in terms.items() if k.startswith("loss_sa")]
         if attention:
             total = total + self.lambda_sa * sum(attention)
-        self.log_losses(total, terms, batch_size=len(source["image"]))
+        # The target logits when the step computes them (the ones the pseudo labels and L_sa(t) act on).
+        watched = logits_t if logits_t is not None else logits_s
+        self.log_losses(total, terms, batch_size=len(source["image"]), logits=watched)
         return total
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,430 @@
+"""Why the residual self-attention loss (8) can grow without bound: per-step curves and the ablations that separate
+the candidate causes, every run from one starting point (the same pseudo labels, SAM and initialisation).
+
+With the target detached, the gradient of (8) on the logits is ``-2 SAM(P) / numel``: it pushes ``P`` towards
+``P + SAM(P)``, a target that moves with ``P``. ``SAM(P) = Â P`` with ``Â`` non-negative and row-stochastic, so the
+part of ``P`` that every pixel shares is pushed to grow; along the class-uniform direction (the same shift added to
+every class) the cross-entropy has no gradient at all (softmax ignores it), so nothing opposes that growth except
+weight decay. Eq. (9) has the fixed point ``P = SAM(P)`` instead. This script measures, for each setting, per logged
+step:
+
+- ``logit_norm``: mean L2 norm of a target pixel's logit row ``|P_i|`` (what ``train/logit_norm`` logs);
+- ``shift``: mean over target pixels of ``mean_c P_ic``, the class-uniform component that softmax ignores;
+- every loss term (``loss_seg_source``, ``loss_seg_target``, ``loss_sa_source``, ``loss_sa_target``);
+- ``grad_seg``, ``grad_sa``: norms of the gradients of ``L_seg(t)`` and of ``lambda * L_sa(t)`` on the target logits,
+  and ``grad_sa_shift``: the share of the latter along the class-uniform direction;
+
+and, at the end, the target validation mIoU. Settings change one thing at a time from the toy's former Ours stage
+(Adam 1e-3, lambda 0.1, trainable BatchNorm, trained SAM, eq. (8)&(10)); see ``SETTINGS``.
+
+Usage (the inputs come from a toy pipeline run, or from ``--prepare``, which trains them)::
+
+    python benchmarks/sam_divergence.py --prepare runs/divergence --data-root data/toy
+    python benchmarks/sam_divergence.py --start runs/divergence --data-root data/toy --steps 200 \\
+        --output benchmarks/results/sam_divergence_toy_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+from uda_sam.data import Cityscapes, UDADataModule  # noqa: E402
+from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
+from uda_sam.nn import DeepLabV2  # noqa: E402
+from uda_sam.sam_io import load_network_weights  # noqa: E402
+from uda_sam.tasks import SelfTraining  # noqa: E402
+
+#: The toy's former Ours stage (configs/toy/ours.yaml before this study); every setting changes it.
+BASE: dict[str, Any] = {
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "classifier_lr_mult": 1.0,
+    "lambda_sa": 0.1,
+    "sa_target": "residual",
+    "sa_domains": "both",
+    "attention": "trained",  # trained SAM | noconv (parameter-free SAM) | labels (rows uniform over same-class pixels)
+    "freeze_bn": False,
+    "init": "random",  # random (the toy's stage-2 start) | no_pseudo (the No Pseudo network: trained features)
+}
+SGD = {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 5e-4}
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "(8), adam, lambda 0.1": {},
+    "pseudo-only, adam": {"lambda_sa": 0.0},
+    "(8), sgd, lambda 0.1": {**SGD},
+    "pseudo-only, sgd": {**SGD, "lambda_sa": 0.0},
+    "(9), adam, lambda 0.1": {"sa_target": "attended"},
+    "(9), sgd, lambda 0.1": {**SGD, "sa_target": "attended"},
+    "(8), adam, lambda 0.01": {"lambda_sa": 0.01},
+    "(8), adam, lambda 0.001": {"lambda_sa": 0.001},
+    "(8), sgd, lambda 0.025": {**SGD, "lambda_sa": 0.025},
+    "(8), sgd, lambda 0.0025": {**SGD, "lambda_sa": 0.0025},
+    "(8), sgd lr/4, lambda 0.01": {**SGD, "lr": 2.5e-3, "lambda_sa": 0.01},
+    "(8), sgd, label attention": {**SGD, "attention": "labels"},
+    "(8), adam, label attention": {"attention": "labels"},
+    "(8), sgd, no conv": {**SGD, "attention": "noconv"},
+    "(8), adam, no conv": {"attention": "noconv"},
+    "(8), sgd, frozen BN": {**SGD, "freeze_bn": True},
+    "(8), sgd, trained start, frozen BN": {**SGD, "init": "no_pseudo", "freeze_bn": True},
+    "(8), sgd, trained start, frozen BN, lambda 0.0025": {
+        **SGD,
+        "init": "no_pseudo",
+        "freeze_bn": True,
+        "lambda_sa": 0.0025,
+    },
+}
+
+
+CURVE_FIELDS = [
+    "setting",
+    "step",
+    "loss",
+    "loss_seg_source",
+    "loss_seg_target",
+    "loss_sa_source",
+    "loss_sa_target",
+    "logit_norm",
+    "shift",
+    "grad_seg",
+    "grad_sa",
+    "grad_sa_shift",
+    "lr",
+]
+
+
+class LabelAttention(nn.Module):
+    """An attention made from labels: row ``i`` is uniform over the pixels of ``i``'s class (an ignored pixel
+    attends to itself), so ``SAM(P)_i`` is the mean logit row of ``i``'s class in the image. Set ``labels``
+    (``(B, H, W)`` trainIds) before each call."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.labels: Tensor | None = None
+
+    def forward(self, logits: Tensor) -> Tensor:
+        assert self.labels is not None, "LabelAttention.labels must be set before the call"
+        batch, channels, height, width = logits.shape
+        labels = F.interpolate(self.labels[:, None].float(), size=(height, width), mode="nearest")[
+            :, 0
+        ].long()
+        flat = labels.flatten(1)
+        num = flat.shape[1]
+        # Ignored pixels get a class of their own each (their index past the real classes): they attend to themselves.
+        own = torch.arange(num, device=flat.device).expand_as(flat) + self.num_classes
+        groups = torch.where(flat == IGNORE_INDEX, own, flat)
+        onehot = F.one_hot(groups, self.num_classes + num).float()  # (B, N, K)
+        rows = logits.flatten(2).transpose(1, 2)  # (B, N, C)
+        class_sum = onehot.transpose(1, 2) @ rows  # (B, K, C)
+        class_count = onehot.sum(1).clamp_min(1)[..., None]
+        mixed = onehot @ (class_sum / class_count)
+        return mixed.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class DiagnosedSelfTraining(SelfTraining):
+    """``SelfTraining`` that also measures the logits and the per-term gradients on them every ``every`` steps."""
+
+    def __init__(
+        self, *args: Any, every: int = 10, target_gt: dict[str, Tensor] | None = None, **kwargs: Any
+    ):
+        super().__init__(*args, **kwargs)
+        self.every = every
+        self.target_gt = target_gt or {}
+        self.records: list[dict[str, float]] = []
+        self._outputs: list[Tensor] = []
+        self._terms: dict[str, Tensor] = {}
+        self.network.register_forward_hook(lambda _m, _i, out: self._outputs.append(out))
+
+    def log_losses(self, total: Tensor, terms: dict[str, Tensor], *args: Any, **kwargs: Any) -> None:
+        self._terms = dict(terms)
+        super().log_losses(total, terms, *args, **kwargs)
+
+    def self_attention_term(self, logits: Tensor, features: Tensor | None) -> Tensor:
+        if isinstance(self.sam, LabelAttention):
+            self.sam.labels = self._labels_of(logits)
+        return super().self_attention_term(logits, features)
+
+    def _labels_of(self, logits: Tensor) -> Tensor:
+        batch = self._batch
+        if logits is self._outputs[-1]:  # the target pass runs last
+            return torch.stack([self.target_gt[name] for name in batch["target"]["name"]]).to(logits.device)
+        return batch["source"]["mask"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._outputs.clear()
+        self._batch = batch
+        total = super().training_step(batch, batch_idx)
+        if self.global_step % self.every == 0:
+            self.records.append(self._measure(total))
+        return total
+
+    def _measure(self, total: Tensor) -> dict[str, float]:
+        logits_t = self._outputs[-1]
+        record: dict[str, float] = {"step": float(self.global_step), "loss": float(total.detach())}
+        record.update({name: float(value.detach()) for name, value in self._terms.items()})
+        record["logit_norm"] = float(logits_t.detach().norm(dim=1).mean())
+        record["shift"] = float(logits_t.detach().mean(dim=1).mean())
+        record["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        if "loss_seg_target" in self._terms:
+            (grad,) = torch.autograd.grad(self._terms["loss_seg_target"], logits_t, retain_graph=True)
+            record["grad_seg"] = float(grad.norm())
+        if "loss_sa_target" in self._terms:
+            (grad,) = torch.autograd.grad(
+                self.lambda_sa * self._terms["loss_sa_target"], logits_t, retain_graph=True
+            )
+            norm = grad.norm()
+            record["grad_sa"] = float(norm)
+            shift = grad.mean(dim=1, keepdim=True).expand_as(grad)
+            record["grad_sa_shift"] = float(shift.norm() / norm.clamp_min(1e-30))
+        return record
+
+
+class StopWhenNonFinite(Callback):
+    """End a diagnostic run at the first non-finite loss (the curve up to it is what is wanted)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            pl_module.nonfinite_step = trainer.global_step
+            trainer.should_stop = True
+
+
+def _datamodule(data_root: Path, pseudo_labels: Path | None) -> UDADataModule:
+    return UDADataModule(
+        source="gta5",
+        source_root=str(data_root / "gta5"),
+        target_root=str(data_root / "cityscapes"),
+        source_size=(144, 80),
+        target_size=(128, 64),
+        pseudo_label_root=str(pseudo_labels) if pseudo_labels else None,
+        batch_size=2,
+        val_batch_size=4,
+        num_workers=0,
+        persistent_workers=False,
+    )
+
+
+def _target_ground_truth(data_root: Path) -> dict[str, Tensor]:
+    dataset = Cityscapes(data_root / "cityscapes", split="train", size=(128, 64), labels="gt")
+    return {sample["name"]: sample["mask"] for sample in (dataset[i] for i in range(len(dataset)))}
+
+
+def run_setting(
+    name: str, overrides: dict[str, Any], start: Path, data_root: Path, steps: int, every: int, seed: int
+) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Train one setting from the shared start; returns its per-step records and a summary."""
+    options = {**BASE, **overrides}
+    seed_everything(seed, verbose=False)
+    network = DeepLabV2(19, backbone="resnet18", pretrained=None, freeze_bn=options["freeze_bn"])
+    if options["init"] == "no_pseudo":
+        load_network_weights(network, start / "no_pseudo.ckpt", "start")
+    lambda_sa = options["lambda_sa"]
+    attention = options["attention"]
+    task = DiagnosedSelfTraining(
+        network,
+        sam_path=str(start / "sam.pt") if lambda_sa > 0 and attention == "trained" else None,
+        sam_use_conv=attention != "noconv",
+        lambda_sa=lambda_sa if attention != "labels" else 0.0,
+        sa_target=options["sa_target"],
+        sa_domains=options["sa_domains"],
+        optimizer=options["optimizer"],
+        lr=options["lr"],
+        momentum=options["momentum"],
+        weight_decay=options["weight_decay"],
+        classifier_lr_mult=options["classifier_lr_mult"],
+        num_val_images_logged=0,
+        every=every,
+        target_gt=_target_ground_truth(data_root) if attention == "labels" else None,
+    )
+    if attention == "labels":  # a label-made attention: set after construction (no file describes it)
+        task.lambda_sa = lambda_sa
+        task.sam = LabelAttention(19)
+    task.nonfinite_step = None
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[StopWhenNonFinite()],
+    )
+    datamodule = _datamodule(data_root, start / "pseudo_labels")
+    began = time.monotonic()
+    trainer.fit(task, datamodule=datamodule)
+    seconds = time.monotonic() - began
+    miou = float("nan")
+    if task.nonfinite_step is None:
+        trainer = Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        miou = float(trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/mIoU"])
+    records = task.records
+    first, last = records[0], records[-1]
+    summary = {
+        "setting": name,
+        "options": {k: v for k, v in options.items() if BASE.get(k) != v},
+        "first_logit_norm": first["logit_norm"],
+        "last_logit_norm": last["logit_norm"],
+        "max_logit_norm": max(r["logit_norm"] for r in records),
+        "first_loss": first["loss"],
+        "last_loss": last["loss"],
+        "last_shift": last["shift"],
+        "sa_over_seg": _median_ratio(records),
+        "nonfinite_step": task.nonfinite_step,
+        "val_miou": miou,
+        "seconds": seconds,
+    }
+    return records, summary
+
+
+def _median_ratio(records: list[dict[str, float]]) -> float:
+    ratios = sorted(r["grad_sa"] / r["grad_seg"] for r in records if r.get("grad_seg") and "grad_sa" in r)
+    return ratios[len(ratios) // 2] if ratios else float("nan")
+
+
+def prepare(out: Path, data_root: Path, steps: int, seed: int) -> None:
+    """Train the No Pseudo network and the SAM with the toy's stage-0/1 settings and make generation 1's labels."""
+    from uda_sam.generation import generate_pseudo_labels
+    from uda_sam.tasks import SAMPretraining
+
+    out.mkdir(parents=True, exist_ok=True)
+    datamodule = _datamodule(data_root, None)
+    common = {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "classifier_lr_mult": 1.0,
+        "num_val_images_logged": 0,
+    }
+    for name, build in (
+        ("no_pseudo", lambda net: SelfTraining(net, lambda_sa=0.0, use_target=False, **common)),
+        ("sam_pretrain", lambda net: SAMPretraining(net, **common)),
+    ):
+        seed_everything(seed, verbose=False)
+        task = build(DeepLabV2(19, backbone="resnet18", pretrained=None, freeze_bn=False))
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(task, datamodule=datamodule)
+        trainer.save_checkpoint(out / f"{name}.ckpt")
+        if name == "sam_pretrain":
+            task.export_sam(out / "sam.pt")
+    network = DeepLabV2(19, backbone="resnet18", pretrained=None, freeze_bn=False)
+    load_network_weights(network, out / "no_pseudo.ckpt", "no_pseudo")
+    datamodule.setup("fit")
+    generate_pseudo_labels(
+        network, datamodule.target_inference_dataset(), out / "pseudo_labels", num_workers=0
+    )
+
+
+def _table(summaries: list[dict[str, Any]]) -> str:
+    lines = [
+        "| setting | logit norm: first → max → last | loss: first → last | class-uniform shift (last) | "
+        "median grad λ·L_sa / L_seg(t) on P | first non-finite step | val mIoU (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        nonfinite = "" if s["nonfinite_step"] is None else str(s["nonfinite_step"])
+        miou = "n/a" if math.isnan(s["val_miou"]) else f"{100 * s['val_miou']:.1f}"
+        lines.append(
+            f"| {s['setting']} | {s['first_logit_norm']:.3g} → {s['max_logit_norm']:.3g} → {s['last_logit_norm']:.3g} "
+            f"| {s['first_loss']:.3g} → {s['last_loss']:.3g} | {s['last_shift']:.3g} | {s['sa_over_seg']:.3g} "
+            f"| {nonfinite} | {miou} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--prepare", type=Path, help="train the shared start (No Pseudo, SAM, labels) into this folder"
+    )
+    parser.add_argument("--start", type=Path, help="a folder made by --prepare")
+    parser.add_argument("--data-root", type=Path, default=Path("data/toy"))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prepare-steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=10, help="measure every this many steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", help=f"a subset of: {list(SETTINGS)}")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("benchmarks/results/sam_divergence_toy_cpu"),
+        help="prefix of the .md summary and the .csv curves",
+    )
+    args = parser.parse_args()
+    if args.prepare:
+        prepare(args.prepare, args.data_root, args.prepare_steps, args.seed)
+        return
+    if args.start is None:
+        parser.error("give --prepare DIR or --start DIR")
+    names = args.settings or list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+
+    # Results accumulate setting by setting (a killed run resumes where it stopped).
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    summary_file, curve_file = args.output.with_suffix(".jsonl"), args.output.with_suffix(".csv")
+    done = (
+        [json.loads(line) for line in summary_file.read_text().splitlines()] if summary_file.is_file() else []
+    )
+    for name in names:
+        if any(s["setting"] == name for s in done):
+            continue
+        records, summary = run_setting(
+            name, SETTINGS[name], args.start, args.data_root, args.steps, args.every, args.seed
+        )
+        new_file = not curve_file.is_file()
+        with open(curve_file, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerows({"setting": name, **r} for r in records)
+        with open(summary_file, "a") as handle:
+            handle.write(json.dumps(summary) + "\n")
+        done.append(summary)
+        print(_table([summary]).splitlines()[-1], flush=True)
+    summaries = [s for name in names for s in done if s["setting"] == name]
+
+    text = [
+        "# The self-attention loss on the toy pair: curves and ablations from one start",
+        "",
+        f"`python benchmarks/sam_divergence.py --start {args.start} --steps {args.steps}`, seed {args.seed}; "
+        f"machine: {json.dumps(machine_info('cpu'))}",
+        "",
+        _table(summaries),
+        "",
+        f"Per-step curves: `{curve_file.name}`; summaries: `{summary_file.name}`.",
+    ]
+    args.output.with_suffix(".md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
