@@ -149,6 +149,27 @@ def test_toy_validate_and_predict(toy_runs: Path, caplog: pytest.LogCaptureFixtu
     assert len(labels) == len(colors) == 2
 
 
+def test_toy_predict_on_a_folder_of_images(toy_runs: Path) -> None:
+    """`uda-sam predict --data.predict_root DIR`: PNGs at each image's own size under the images' relative paths."""
+    from PIL import Image
+
+    folder = toy_runs / "my_frames"
+    sizes = {"drive_a/0001.png": (50, 30), "drive_b/night/0002.jpg": (70, 44)}
+    for relative, size in sizes.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (90, 120, 60)).save(folder / relative)
+    ckpt = "runs/toy/no_pseudo/checkpoints/last.ckpt"
+    with working_dir(toy_runs):
+        args = ["--config", str(TOY / "no_pseudo.yaml"), "--ckpt_path", ckpt, *SMALL, *NO_LOGGER]
+        args += ["--data.predict_root=my_frames", "--trainer.callbacks+=uda_sam.callbacks.PredictionWriter"]
+        assert main(["predict", *args, "--trainer.callbacks.output_dir=folder_preds"]) == 0
+    for relative, size in sizes.items():
+        stem = str(Path(relative).with_suffix(""))
+        for kind, mode in (("labelIds", "L"), ("color", "RGB")):
+            with Image.open(toy_runs / "folder_preds" / kind / f"{stem}_{kind}.png") as written:
+                assert written.size == size and written.mode == mode
+
+
 def test_toy_stage2_ours(toy_runs: Path) -> None:
     """Stage 2 as shipped: pseudo labels from the stage-0 checkpoint (PseudoLabelRegeneration) and the stage-1 SAM."""
     with working_dir(toy_runs):
