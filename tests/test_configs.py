@@ -95,7 +95,8 @@ def test_overlays_compose(overlay: str, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_caffe_init_fragment_composes(capsys: pytest.CaptureFixture[str]) -> None:
-    printed = print_config(capsys, CONFIGS / "gta5" / "ours_8_10.yaml", CONFIGS / "init" / "deeplab_caffe.yaml")
+    fragment = CONFIGS / "init" / "deeplab_caffe.yaml"
+    printed = print_config(capsys, CONFIGS / "gta5" / "ours_8_10.yaml", fragment)
     network = printed["model"]["init_args"]["network"]
     assert network["class_path"] == "uda_sam.nn.DeepLabV2"
     assert network["init_args"]["style"] == "caffe" and network["init_args"]["aspp_branches"] == 4
