@@ -296,6 +296,8 @@ def test_pytorch_style_keeps_its_files_and_refuses_the_published_ones(
         ValueError, match=r"resnet18-torchvision\.pth.*not a DeepLabV2's: 2 \[fc\.bias, fc\.weight\]"
     ):
         load_deeplab_checkpoint(network, torchvision_file)
+    with pytest.raises(ValueError, match=r"GTA5_deeplab\.pth.*need DeepLabV2\(style='caffe'\)"):
+        DeepLabV2(backbone="resnet18", pretrained=str(bdl[1]))
     with pytest.raises(ValueError, match="no download"):
         caffe(pretrained="imagenet")
     with pytest.raises(ValueError, match="resnet101.*resnet50"):
