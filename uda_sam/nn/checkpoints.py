@@ -169,41 +169,40 @@ def _check_style(parsed: DeepLabFile, network: DeepLabV2, source: str) -> None:
         )
 
 
-def _main_head(
-    parsed: DeepLabFile, network: DeepLabV2, source: str, required: bool
-) -> dict[str, Tensor] | None:
-    """The classifier entries of the file's main head; ``None`` when an init file's head does not fit."""
+def _main_head(parsed: DeepLabFile, network: DeepLabV2, source: str) -> dict[str, Tensor]:
+    """The classifier entries of the file's main head (the head on the backbone's output channels).
 
-    def refuse(message: str) -> None:
-        if required:
-            raise ValueError(f"{source}{message}")
+    Raises:
+        ValueError: If there is no such head, or it does not fit the classifier.
+    """
+
+    def refuse(message: str) -> ValueError:
+        return ValueError(f"{source}{message}")
 
     channels = network.feature_channels
     found = ", ".join(h.describe() for h in parsed.heads) or "none"
     malformed = [h for h in parsed.heads if h.shape is None]
     if malformed:
-        return refuse(f": classifier head {malformed[0].describe()} is incomplete or inconsistent")
+        raise refuse(f": classifier head {malformed[0].describe()} is incomplete or inconsistent")
     main = [h for h in parsed.heads if h.shape is not None and h.shape[0] == channels]
     if len(main) > 1:
-        return refuse(
-            f" has {len(main)} heads on {channels} input channels ({found}): which is the main one?"
-        )
+        raise refuse(f" has {len(main)} heads on {channels} input channels ({found}): which is the main one?")
     if not main:
-        return refuse(
+        raise refuse(
             f" has no classifier head on the backbone's {channels} output channels (heads: {found}); "
             f"expected {_expected(network)}"
         )
     head = main[0]
     classes = head.shape[1]  # type: ignore[index]
     if classes != network.num_classes:
-        return refuse(
+        raise refuse(
             f": its classifier {head.describe()} predicts {classes} classes, but the network is built with "
             f"num_classes={network.num_classes}"
         )
     wanted = range(network.aspp_branches)
     absent = [i for i in wanted if i not in head.branches]
     if absent:
-        return refuse(
+        raise refuse(
             f": its classifier {head.describe()} lacks branches {absent}, but the network sums "
             f"aspp_branches={network.aspp_branches}; build it with aspp_branches={len(head.branches)}"
         )
@@ -213,7 +212,7 @@ def _main_head(
         f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
     ]
     if wrong:
-        return refuse(
+        raise refuse(
             f": classifier {head.name} has other kernel shapes (file vs network) {summarize_keys(wrong)}"
         )
     return state
@@ -249,7 +248,13 @@ def load_deeplab_state_dict(
             f"{source} has keys that are not a DeepLabV2's: {summarize_keys(parsed.unexpected)}; "
             f"expected {_expected(network)}"
         )
-    classifier = _main_head(parsed, network, source, required=not init)
+    try:
+        classifier: dict[str, Tensor] | None = _main_head(parsed, network, source)
+    except ValueError:
+        if not init:
+            raise
+        # An init file's head that does not fit (PASCAL's 21 classes): the classifier keeps its initialisation.
+        classifier = None
     load_matching_state_dict(network.backbone, parsed.backbone, f"{source} (backbone)", _expected(network))
     if classifier is not None:
         load_matching_state_dict(network.classifier, classifier, f"{source} (classifier)", _expected(network))
