@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -361,10 +362,15 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_code_in_a_pickle_is_refused_never_run(network: DeepLabV2, tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_code_in_a_pickle_is_refused_never_run(network: DeepLabV2, tmp_path: Path, writer: str) -> None:
     marker = tmp_path / "executed"
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": _RunsCode(marker)}, evil)
+    payload = {"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": _RunsCode(marker)}
+    if writer == "pickle":  # a plain pickle, of the protocol torch.save uses
+        evil.write_bytes(pickle.dumps({"payload": payload["payload"]}, protocol=2))
+    else:
+        torch.save(payload, evil)
     readers = [
         lambda: load_deeplab_checkpoint(network, evil),
         lambda: read_state_dict_file(evil),

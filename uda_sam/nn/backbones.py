@@ -65,13 +65,16 @@ def load_weights_only(path: str | os.PathLike[str]) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        detail = (
-            f"it refers to the Python object {found.group(1)}" if found else "its pickle holds instructions"
-        )
+        if found is None:  # not a pickle of tensors at all: garbage, a truncated file, a raw pickle
+            raise ValueError(
+                f"cannot read '{file}' as a PyTorch weights file (its pickle is not one torch.save writes); the "
+                "file is truncated, corrupt or not written by torch.save"
+            ) from exc
         raise ValueError(
-            f"'{file}' is not a weights-only checkpoint ({detail} beyond tensors and plain containers): such a "
-            "file could run code when unpickled, so it is not read. Save the weights as a state dict of tensors "
-            "(torch.save(model.state_dict(), path)); a truncated or corrupt download also ends up here"
+            f"'{file}' is not a weights-only checkpoint (it refers to the Python object {found.group(1)}, beyond "
+            "tensors and plain containers): such a file could run code when unpickled, so it is not read. Save the "
+            "weights as a state dict of tensors (torch.save(model.state_dict(), path)); a truncated download can "
+            "also end up here"
         ) from exc
     except Exception as exc:  # zip, EOF, OS and decoding errors come in many types
         reason = _first_sentence(str(exc))
