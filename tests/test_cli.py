@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from uda_sam.cli import EXTRA_COMMANDS, main
+from uda_sam.nn import DeepLabV2
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy"
@@ -152,6 +155,27 @@ def test_toy_validate_and_predict(toy_runs: Path, caplog: pytest.LogCaptureFixtu
     assert len(labels) == len(colors) == 2
 
 
+def test_toy_predict_on_a_folder_of_images(toy_runs: Path) -> None:
+    """`uda-sam predict --data.predict_root DIR`: PNGs at each image's own size under the images' relative paths."""
+    from PIL import Image
+
+    folder = toy_runs / "my_frames"
+    sizes = {"drive_a/0001.png": (50, 30), "drive_b/night/0002.jpg": (70, 44)}
+    for relative, size in sizes.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (90, 120, 60)).save(folder / relative)
+    ckpt = "runs/toy/no_pseudo/checkpoints/last.ckpt"
+    with working_dir(toy_runs):
+        args = ["--config", str(TOY / "no_pseudo.yaml"), "--ckpt_path", ckpt, *SMALL, *NO_LOGGER]
+        args += ["--data.predict_root=my_frames", "--trainer.callbacks+=uda_sam.callbacks.PredictionWriter"]
+        assert main(["predict", *args, "--trainer.callbacks.output_dir=folder_preds"]) == 0
+    for relative, size in sizes.items():
+        stem = str(Path(relative).with_suffix(""))
+        for kind, mode in (("labelIds", "L"), ("color", "RGB")):
+            with Image.open(toy_runs / "folder_preds" / kind / f"{stem}_{kind}.png") as written:
+                assert written.size == size and written.mode == mode
+
+
 def test_toy_stage2_ours(toy_runs: Path) -> None:
     """Stage 2 as shipped: pseudo labels from the stage-0 checkpoint (PseudoLabelRegeneration) and the stage-1 SAM."""
     with working_dir(toy_runs):
@@ -205,3 +229,40 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "sa_target" in err and "residual" in err
+
+
+def test_published_model_validates_and_teaches(toy_root: Path, tmp_path: Path) -> None:
+    """A published multi-level model (AdaptSegNet's layout) scored by `validate` and used by `pseudo-label`."""
+    torch.manual_seed(0)
+    trained = DeepLabV2(backbone="resnet50", style="caffe", aspp_branches=2).state_dict()
+    published = {
+        f"module.{k.removeprefix('backbone.')}": v for k, v in trained.items() if k.startswith("backbone.")
+    }
+    for i, param in itertools.product(
+        range(4), ("weight", "bias")
+    ):  # AdaptSegNet's files hold 4 branches, use 2
+        main_head = trained[f"classifier.conv2d_list.{min(i, 1)}.{param}"]
+        published[f"module.layer6.conv2d_list.{i}.{param}"] = (
+            main_head if i < 2 else torch.randn_like(main_head)
+        )
+        aux_shape = (19, 1024, 3, 3) if param == "weight" else (19,)
+        published[f"module.layer5.conv2d_list.{i}.{param}"] = torch.randn(aux_shape)
+    model = tmp_path / "GTA2Cityscapes_multi.pth"
+    torch.save(published, model)
+    network = {"backbone": "resnet50", "style": "caffe", "aspp_branches": 2, "pretrained": None}
+    overlay = {
+        "model": {"init_args": {"network": {"class_path": "uda_sam.nn.DeepLabV2", "init_args": network}}}
+    }
+    overlay["data"] = {"normalization": "caffe"}
+    (tmp_path / "published.yaml").write_text(
+        yaml.safe_dump(overlay)
+    )  # `uda-sam pseudo-label` reads configs only
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "toy").symlink_to(toy_root, target_is_directory=True)
+    configs = ["--config", str(TOY / "no_pseudo.yaml"), "--config", str(tmp_path / "published.yaml")]
+    with working_dir(tmp_path):
+        weights = f"--model.init_args.network.init_args.weights={model}"
+        assert main(["validate", *configs, *SMALL, *NO_LOGGER, weights]) == 0
+        args = ["--checkpoint", str(model), "--output", "generation_1", "--num-workers", "0"]
+        assert main(["pseudo-label", *configs, *args]) == 0
+    assert len(list((tmp_path / "generation_1").rglob("*.png"))) == 4

@@ -12,7 +12,7 @@ import yaml
 from uda_sam.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-OVERLAYS = ("logger", "trainer")
+OVERLAYS = ("logger", "trainer", "init")
 STAGE_CONFIGS = sorted(
     p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in OVERLAYS and p.name != "pipeline.yaml"
 )
@@ -92,6 +92,19 @@ def test_overlays_compose(overlay: str, capsys: pytest.CaptureFixture[str]) -> N
     else:
         assert trainer["strategy"] == "ddp" and trainer["sync_batchnorm"] is False
         assert trainer["max_steps"] == 120000
+
+
+def test_caffe_init_fragment_composes(capsys: pytest.CaptureFixture[str]) -> None:
+    fragment = CONFIGS / "init" / "deeplab_caffe.yaml"
+    printed = print_config(capsys, CONFIGS / "gta5" / "ours_8_10.yaml", fragment)
+    network = printed["model"]["init_args"]["network"]
+    assert network["class_path"] == "uda_sam.nn.DeepLabV2"
+    assert network["init_args"]["style"] == "caffe" and network["init_args"]["aspp_branches"] == 4
+    assert network["init_args"]["pretrained"].endswith("DeepLab_resnet_pretrained_init-f81d91e8.pth")
+    # The stage's own settings are kept: the paper's network, the SAM loss, the data.
+    assert network["init_args"]["backbone"] == "resnet101" and network["init_args"]["freeze_bn"] is True
+    assert printed["model"]["init_args"]["lambda_sa"] == 0.1
+    assert printed["data"]["normalization"] == "caffe" and printed["data"]["target_size"] == [1024, 512]
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=rel)

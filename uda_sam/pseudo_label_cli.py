@@ -7,7 +7,9 @@ For users who run each generation as a separate ``fit``::
     uda-sam fit --config configs/gta5/pseudo_only.yaml --data.pseudo_label_root pseudo_labels/generation_1 ...
 
 Only the config's ``data`` section and ``model.init_args.network`` are read: the network is built as configured and
-filled with the checkpoint's weights; the target training images come from the datamodule, without augmentation.
+filled with the checkpoint's weights (a DeepLabV2 also reads published models, e.g. BDL's source-only GTA5 model with
+``--config configs/init/deeplab_caffe.yaml``); the target training images come from the datamodule, without
+augmentation.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--config", action="append", required=True, help="training config(s) giving `data` and the network"
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="Lightning checkpoint whose network makes the labels"
+        "--checkpoint",
+        required=True,
+        help="Lightning checkpoint whose network makes the labels; for a DeepLabV2 also a published model or "
+        "exported weights (uda_sam.nn.load_deeplab_checkpoint)",
     )
     parser.add_argument("--output", required=True, help="the generation's folder (created atomically)")
     parser.add_argument(

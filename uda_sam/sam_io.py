@@ -18,7 +18,6 @@ the classifier's input channels for the feature layer. :func:`load_sam` also acc
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from uda_sam.files import write_atomically
-from uda_sam.nn import SelfAttentionModule
+from uda_sam.nn import DeepLabV2, SelfAttentionModule, load_deeplab_state_dict, load_weights_only
 
 __all__ = [
     "MIN_ATTENTION_LIFT",
@@ -130,6 +129,9 @@ def attention_warning(figures: Mapping[str, float]) -> str | None:
 def read_checkpoint(path: str | os.PathLike[str], option: str, expected: str = _EXPECTED) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with errors that name ``option``, the file and ``expected``.
 
+    A file that is not weights-only (it needs Python objects beyond tensors and plain containers) is refused,
+    never executed.
+
     Raises:
         FileNotFoundError: If ``path`` is not a file.
         ValueError: If the file cannot be read as tensors and plain containers.
@@ -139,12 +141,9 @@ def read_checkpoint(path: str | os.PathLike[str], option: str, expected: str = _
         state = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"{option}: {path} {state}; expected {expected}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
-        raise ValueError(
-            f"{option}: cannot read {path} with torch.load(weights_only=True) ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); expected {expected}"
-        ) from error
+        return load_weights_only(path)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}; expected {expected}") from error
 
 
 def _config_from_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
@@ -242,6 +241,19 @@ def load_sam(
     return sam.eval()
 
 
+def _lightning_network_weights(
+    obj: Any, path: str | os.PathLike[str], option: str
+) -> dict[str, torch.Tensor]:
+    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    weights = {k[len("network.") :]: v for k, v in (state or {}).items() if k.startswith("network.")}
+    if not weights:
+        raise ValueError(
+            f"{option}: {path} holds no network weights; expected a Lightning checkpoint of a uda_sam task "
+            "(state_dict with 'network.*' entries)"
+        )
+    return weights
+
+
 def network_state_dict(path: str | os.PathLike[str], option: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The ``network.*`` weights of a task checkpoint (prefix removed), read with ``weights_only=True``.
 
@@ -253,34 +265,50 @@ def network_state_dict(path: str | os.PathLike[str], option: str = "checkpoint")
         ValueError: If it holds no ``network.*`` weights.
     """
     obj = read_checkpoint(path, option, expected="a Lightning checkpoint of a uda_sam task (.ckpt)")
-    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
-    weights = {k[len("network.") :]: v for k, v in (state or {}).items() if k.startswith("network.")}
-    if not weights:
-        raise ValueError(
-            f"{option}: {path} holds no network weights; expected a Lightning checkpoint of a uda_sam task "
-            "(state_dict with 'network.*' entries)"
-        )
-    return weights
+    return _lightning_network_weights(obj, path, option)
 
 
 def load_network_weights(
     network: torch.nn.Module, checkpoint_path: str | os.PathLike[str], option: str = "checkpoint"
 ) -> None:
-    """Load the ``network.*`` weights of a uda-sam Lightning checkpoint into ``network``.
+    """Load a trained network into ``network``: a uda-sam Lightning checkpoint, or any DeepLabV2 weights file.
+
+    A :class:`~uda_sam.nn.DeepLabV2` also reads what :func:`~uda_sam.nn.load_deeplab_checkpoint` reads: the
+    published models of AdaptSegNet, ADVENT, BDL, FDA and CRST (with ``style="caffe"``) and exported state dicts,
+    so that a published source-only model can make generation 1's pseudo labels.
 
     Args:
         network: The network to fill (same architecture and number of classes as the checkpoint's).
-        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``).
+        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``), or for a DeepLabV2 any file above.
         option: Name of the option that gave the path, for error messages.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a uda-sam network checkpoint or its weights do not fit ``network``.
+        ValueError: If it is not a uda-sam network checkpoint (nor, for a DeepLabV2, another supported layout) or
+            its weights do not fit ``network``.
     """
-    weights = network_state_dict(checkpoint_path, option)
-    expected = network.state_dict()
-    mismatched = [k for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
-    missing = sorted(set(expected) - set(weights))
+    deeplab = isinstance(network, DeepLabV2)
+    expected = "a Lightning checkpoint of a uda_sam task (.ckpt)" + (
+        " or a DeepLabV2 weights file (published or exported)" if deeplab else ""
+    )
+    obj = read_checkpoint(checkpoint_path, option, expected=expected)
+    lightning = isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
+    weights = _lightning_network_weights(obj, checkpoint_path, option) if lightning else obj
+    if deeplab:
+        # Checks the layout, style, backbone, class count and branches, with messages naming the keys at fault.
+        try:
+            load_deeplab_state_dict(network, weights, f"weights file '{checkpoint_path}'")
+        except ValueError as error:
+            raise ValueError(f"{option}: {error}") from error
+        return
+    if not lightning:
+        raise ValueError(
+            f"{option}: {checkpoint_path} holds no network weights; expected a Lightning checkpoint of a uda_sam "
+            "task (state_dict with 'network.*' entries)"
+        )
+    expected_state = network.state_dict()
+    mismatched = [k for k, v in weights.items() if k in expected_state and expected_state[k].shape != v.shape]
+    missing = sorted(set(expected_state) - set(weights))
     if mismatched or missing:
         detail = f"shape mismatch in {mismatched[:3]}" if mismatched else f"missing keys {missing[:3]}"
         raise ValueError(

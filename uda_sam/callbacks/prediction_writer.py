@@ -26,7 +26,8 @@ def _write_png(array: np.ndarray, path: Path) -> None:
 class PredictionWriter(BasePredictionWriter):
     """Save each prediction of ``uda-sam predict`` as PNG files, at the resolution the task predicted.
 
-    For a sample named ``n`` (e.g. ``"frankfurt/frankfurt_000000_000294"``) it writes
+    For a sample named ``n`` (e.g. ``"frankfurt/frankfurt_000000_000294"``, or with ``data.predict_root`` the
+    image's path below that folder without its suffix, e.g. ``"drive_03/frame_000120"``) it writes
 
     - ``{output_dir}/labelIds/{n}_labelIds.png``: single-channel uint8 Cityscapes **labelIds** (trainId 255 ->
       labelId 0, "unlabeled"), the format of the official evaluation and of
@@ -35,8 +36,8 @@ class PredictionWriter(BasePredictionWriter):
     - ``{output_dir}/trainIds/{n}_trainIds.png``: the raw trainIds (when ``train_ids`` is True).
 
     The tasks' ``predict_step`` returns ``{"name": [...], "pred": uint8 (B, H, W)}`` at the size of the batch's
-    masks, which is the original 2048x1024 with ``data.val_label_size: full``. Each process writes its own
-    images, so the callback works under DDP.
+    masks, which is the original 2048x1024 with ``data.val_label_size: full`` and each image's own size with
+    ``data.predict_root``. Each process writes its own images, so the callback works under DDP.
 
     Args:
         output_dir: Root folder of the written files.

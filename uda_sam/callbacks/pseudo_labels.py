@@ -40,8 +40,9 @@ class PseudoLabelRegeneration(Callback):
     checkpoint restores the generation index and label folder: labels are not regenerated.
 
     Args:
-        teacher_checkpoint: Lightning checkpoint whose network makes generation 1's labels; ``None`` uses the
-            network being trained as it is at the start of the fit.
+        teacher_checkpoint: Lightning checkpoint whose network makes generation 1's labels (for a DeepLabV2 also
+            any file :func:`~uda_sam.nn.load_deeplab_checkpoint` reads, e.g. a published source-only model);
+            ``None`` uses the network being trained as it is at the start of the fit.
         output_dir: Folder that receives one sub-folder per generation.
         num_generations: Number of generations in this fit.
         steps_per_generation: Optimiser steps per generation; default ``trainer.max_steps // num_generations``.

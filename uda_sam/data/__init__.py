@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
+from uda_sam.data.image_folder import ImageFolder
 from uda_sam.data.labels import (
     CLASS_COLORS,
     CLASS_NAMES,
@@ -40,6 +41,7 @@ __all__ = [
     "SYNTHIA_ID_TO_TRAIN_ID",
     "TRAIN_ID_TO_LABEL_ID",
     "Cityscapes",
+    "ImageFolder",
     "SegmentationTransform",
     "Synthia",
     "UDADataModule",

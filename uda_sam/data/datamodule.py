@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from uda_sam.data.base import check_limit
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
+from uda_sam.data.image_folder import ImageFolder
 from uda_sam.data.synthia import Synthia
 from uda_sam.data.transforms import check_normalization, check_scale, check_size
 
@@ -90,6 +91,9 @@ class UDADataModule(LightningDataModule):
         steps_per_epoch: if set, every training epoch is exactly this many steps (each domain draws
             ``steps_per_epoch x batch_size`` images per process, reshuffled, cycling through its set), so that
             generation boundaries of :class:`~uda_sam.callbacks.PseudoLabelRegeneration` can fall on epoch ends.
+        predict_root: ``uda-sam predict`` reads every PNG/JPEG image below this folder (any tree of sub-folders;
+            see :class:`~uda_sam.data.image_folder.ImageFolder`: image at ``target_size``, predictions at each
+            image's own resolution, one image per batch) instead of Cityscapes val; ``None`` = Cityscapes val.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class UDADataModule(LightningDataModule):
         target_labels: Literal["pseudo", "gt"] = "pseudo",
         test_split: Literal["val", "test"] = "val",
         steps_per_epoch: int | None = None,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         if source not in ("gta5", "synthia"):
@@ -172,7 +177,8 @@ class UDADataModule(LightningDataModule):
         self.target_train: Cityscapes | None = None
         self.val_dataset: Cityscapes | None = None
         self.test_dataset: Cityscapes | None = None
-        self.predict_dataset: Cityscapes | None = None
+        self.predict_root = predict_root
+        self.predict_dataset: Dataset | None = None
 
     # ----------------------------------------------------------------------------------------------- datasets
     def _augment(self) -> dict[str, Any]:
@@ -277,7 +283,11 @@ class UDADataModule(LightningDataModule):
         if stage in (None, "test"):
             self.test_dataset = self._make_val(None, split=self.test_split)
         if stage in (None, "predict"):
-            self.predict_dataset = self._make_val(None, labels="optional")
+            self.predict_dataset = (
+                self._make_val(None, labels="optional")
+                if self.predict_root is None
+                else ImageFolder(self.predict_root, size=self.target_size, normalization=self.normalization)
+            )
 
     # -------------------------------------------------------------------------------------------- loaders
     def _loader(
@@ -343,8 +353,13 @@ class UDADataModule(LightningDataModule):
         return self._eval_loader(self._require(self.test_dataset, "test"))
 
     def predict_dataloader(self) -> DataLoader:
-        """Cityscapes val images (masks from ground truth where present)."""
-        return self._loader(self._require(self.predict_dataset, "predict"), self.val_batch_size, train=False)
+        """Cityscapes val images (masks from ground truth where present), or the images of ``predict_root``.
+
+        The images of ``predict_root`` come one per batch: their masks (and predictions) have each image's size.
+        """
+        dataset = self._require(self.predict_dataset, "predict")
+        batch_size = 1 if isinstance(dataset, ImageFolder) else self.val_batch_size
+        return self._loader(dataset, batch_size, train=False)
 
     # ----------------------------------------------------------------------------------- pseudo labels
     def set_pseudo_label_root(self, path: str | Path | None) -> None:

@@ -6,8 +6,10 @@ self_attention_loss`` works inside any PyTorch project.
 
 from __future__ import annotations
 
-from .backbones import DilatedResNet, build_vgg16_features, read_state_dict_file
-from .deeplabv2 import AtrousClassifier, DeepLabV2
+from .backbones import DilatedResNet, build_vgg16_features, load_weights_only, read_state_dict_file
+from .caffe_resnet import CaffeResNet
+from .checkpoints import load_deeplab_checkpoint, load_deeplab_state_dict
+from .deeplabv2 import AtrousClassifier, CaffeAtrousClassifier, DeepLabV2
 from .fcn8s import FCN8s
 from .losses import logit_norm, segmentation_loss, self_attention_loss
 from .sam import (
@@ -22,12 +24,17 @@ from .sam import (
 __all__ = [
     "AUTO_FULL_MAX_BYTES",
     "AtrousClassifier",
+    "CaffeAtrousClassifier",
+    "CaffeResNet",
     "DeepLabV2",
     "DilatedResNet",
     "FCN8s",
     "SelfAttentionModule",
     "attention_map",
     "build_vgg16_features",
+    "load_deeplab_checkpoint",
+    "load_deeplab_state_dict",
+    "load_weights_only",
     "logit_norm",
     "normalize_rows",
     "read_state_dict_file",

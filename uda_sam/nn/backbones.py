@@ -8,6 +8,8 @@ layout, loaded with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -22,8 +24,10 @@ __all__ = [
     "build_vgg16_features",
     "imagenet_state_dict",
     "load_matching_state_dict",
+    "load_weights_only",
     "read_state_dict_file",
     "resolve_pretrained",
+    "summarize_keys",
 ]
 
 ResNetName = Literal["resnet101", "resnet50", "resnet18"]
@@ -33,6 +37,51 @@ _RESNETS: dict[str, tuple[Callable[..., models.ResNet], Any]] = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
 }
+
+
+def _first_sentence(message: str) -> str:
+    # PyTorch's messages go on to advise loading with weights_only=False: never pass that advice on.
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return first if "weights_only" not in first else ""
+
+
+def load_weights_only(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with errors that name the file.
+
+    A file that needs any Python object other than tensors and plain containers is refused, never executed: its
+    pickle could run code. The error says so and never suggests loading it unsafely.
+
+    Args:
+        path: An existing file.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        ValueError: If the file is not a weights-only checkpoint, or is truncated, corrupt or not a PyTorch file.
+    """
+    file = Path(path).expanduser()
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # not a pickle of tensors at all: garbage, a truncated file, a raw pickle
+            raise ValueError(
+                f"cannot read '{file}' as a PyTorch weights file (its pickle is not one torch.save writes); the "
+                "file is truncated, corrupt or not written by torch.save"
+            ) from exc
+        raise ValueError(
+            f"'{file}' is not a weights-only checkpoint (it refers to the Python object {found.group(1)}, beyond "
+            "tensors and plain containers): such a file could run code when unpickled, so it is not read. Save the "
+            "weights as a state dict of tensors (torch.save(model.state_dict(), path)); a truncated download can "
+            "also end up here"
+        ) from exc
+    except Exception as exc:  # zip, EOF, OS and decoding errors come in many types
+        reason = _first_sentence(str(exc))
+        raise ValueError(
+            f"cannot read '{file}' as a PyTorch weights file ({type(exc).__name__}{': ' + reason if reason else ''})"
+            "; the file is truncated, corrupt or not written by torch.save"
+        ) from exc
 
 
 def read_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -53,19 +102,14 @@ def read_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
-            f"pretrained weights file not found: '{file}' (expected a state dict saved with torch.save)"
+            f"weights file not found: '{file}' (expected a state dict saved with torch.save)"
         )
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(
-            f"could not read pretrained weights file '{file}' with torch.load(weights_only=True): {exc}"
-        ) from exc
+    obj = load_weights_only(file)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(
-            f"pretrained weights file '{file}' must hold a state dict (a mapping of parameter names to tensors)"
+            f"weights file '{file}' must hold a state dict (a mapping of parameter names to tensors)"
         )
     return {str(k): v for k, v in obj.items()}
 
@@ -113,7 +157,15 @@ def resolve_pretrained(pretrained: str | os.PathLike[str] | None, weights: Any) 
     return read_state_dict_file(pretrained)
 
 
-def load_matching_state_dict(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+def summarize_keys(keys: list[str], limit: int = 5) -> str:
+    """``"3 [a, b, c]"`` or ``"12 [a, b, c, d, e, ...]"``: how many keys, and the first few, for error messages."""
+    shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+    return f"{len(keys)} [{shown}]"
+
+
+def load_matching_state_dict(
+    module: nn.Module, state: Mapping[str, Tensor], source: str, expected: str | None = None
+) -> None:
     """Load ``state`` into ``module``, requiring the same keys and shapes.
 
     Missing ``num_batches_tracked`` BatchNorm counters are tolerated (older files lack them).
@@ -122,9 +174,10 @@ def load_matching_state_dict(module: nn.Module, state: Mapping[str, Tensor], sou
         module: Destination.
         state: Parameters and buffers, keys relative to ``module``.
         source: What ``state`` came from, for the error message.
+        expected: The layout the file should have, added to the error message.
 
     Raises:
-        ValueError: Listing missing, unexpected and mis-shaped keys.
+        ValueError: Counting and listing the first missing, unexpected and mis-shaped keys.
     """
     own = module.state_dict()
     state = dict(state)
@@ -139,16 +192,27 @@ def load_matching_state_dict(module: nn.Module, state: Mapping[str, Tensor], sou
         if state[k].shape != own[k].shape
     )
     if missing or unexpected or mis_shaped:
-
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
+        found = [
+            f"{what} {summarize_keys(keys)}"
+            for what, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches (file vs network)", mis_shaped),
+            )
+            if keys
+        ]
         raise ValueError(
             f"weights from {source} do not match the {type(module).__name__} they are loaded into: "
-            f"missing keys [{head(missing)}]; unexpected keys [{head(unexpected)}]; "
-            f"shape mismatches [{head(mis_shaped)}]"
+            + "; ".join(found)
+            + (f"; expected {expected}" if expected else "")
         )
     module.load_state_dict(state, strict=True)
+
+
+_TORCHVISION_LAYOUT = (
+    "a torchvision ResNet state dict (conv1.weight, layer1.0.conv1.weight, ..., fc.*); the DeepLab init files "
+    "and published models of the UDA literature need DeepLabV2(style='caffe')"
+)
 
 
 def _dilate(layer: nn.Sequential, dilation: int) -> None:
@@ -198,7 +262,7 @@ class DilatedResNet(nn.Module):
         state = resolve_pretrained(pretrained, weights)
         if state is not None:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            load_matching_state_dict(self, state, f"pretrained={str(pretrained)!r}")
+            load_matching_state_dict(self, state, f"pretrained={str(pretrained)!r}", _TORCHVISION_LAYOUT)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> features ``(B, out_channels, ceil(H/8), ceil(W/8))``."""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import DilatedResNet, ResNetName
+from .caffe_resnet import CaffeResNet
+from .checkpoints import load_deeplab_checkpoint, load_deeplab_init
 
-__all__ = ["AtrousClassifier", "DeepLabV2"]
+__all__ = ["ASPP_DILATIONS", "AtrousClassifier", "CaffeAtrousClassifier", "DeepLabV2", "Style"]
+
+#: Where a downsampling bottleneck carries its stride (mmcv/mmseg's names): on the 3x3 (torchvision) or the 1x1.
+Style = Literal["pytorch", "caffe"]
 
 
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -21,10 +28,33 @@ def _check_image(x: Tensor) -> None:
         raise ValueError(f"images must have shape (B, 3, H, W); got shape {tuple(x.shape)}")
 
 
+#: Dilations (= paddings) of DeepLabV2's four atrous branches.
+ASPP_DILATIONS: tuple[int, ...] = (6, 12, 18, 24)
+
+
+def _atrous_branches(in_channels: int, num_classes: int, dilations: tuple[int, ...]) -> nn.ModuleList:
+    # N(0, 0.01) weights and zero bias, as in the DeepLab UDA code (AdaptSegNet/BDL).
+    convs = nn.ModuleList(
+        nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=d, dilation=d) for d in dilations
+    )
+    for conv in convs:
+        nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(conv.bias)
+    return convs
+
+
+def _sum_branches(convs: nn.ModuleList, features: Tensor) -> Tensor:
+    out = convs[0](features)
+    for conv in convs[1:]:
+        out = out + conv(features)
+    return out
+
+
 class AtrousClassifier(nn.Module):
     """DeepLabV2's classifier: the sum of parallel 3x3 convolutions with dilations 6, 12, 18 and 24.
 
     Weights are initialised from N(0, 0.01) with zero bias, as in the DeepLab UDA code (AdaptSegNet/BDL).
+    State-dict keys are ``convs.{i}.weight`` / ``convs.{i}.bias``.
 
     Args:
         in_channels: Channels of the input features.
@@ -33,28 +63,52 @@ class AtrousClassifier(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, dilations: tuple[int, ...] = (6, 12, 18, 24)
+        self, in_channels: int, num_classes: int, dilations: tuple[int, ...] = ASPP_DILATIONS
     ) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=d, dilation=d) for d in dilations
-        )
-        for conv in self.convs:
-            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
-            nn.init.zeros_(conv.bias)
+        self.convs = _atrous_branches(in_channels, num_classes, dilations)
 
     def forward(self, features: Tensor) -> Tensor:
         """``(B, in_channels, h, w)`` -> logits ``(B, num_classes, h, w)``."""
-        out = self.convs[0](features)
-        for conv in self.convs[1:]:
-            out = out + conv(features)
-        return out
+        return _sum_branches(self.convs, features)
+
+
+class CaffeAtrousClassifier(nn.Module):
+    """The same classifier under the published code's names: ``conv2d_list.{i}`` (its ``Classifier_Module``).
+
+    Used by ``DeepLabV2(style="caffe")``, so that a published head loads under its own keys and a file of one
+    style never loads silently into the other.
+
+    Args:
+        in_channels: Channels of the input features.
+        num_classes: Output channels.
+        dilations: One 3x3 convolution per dilation (padding = dilation keeps the size).
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, dilations: tuple[int, ...] = ASPP_DILATIONS
+    ) -> None:
+        super().__init__()
+        self.conv2d_list = _atrous_branches(in_channels, num_classes, dilations)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``(B, in_channels, h, w)`` -> logits ``(B, num_classes, h, w)``."""
+        return _sum_branches(self.conv2d_list, features)
 
 
 class DeepLabV2(nn.Module):
-    """DeepLabV2 on a dilated torchvision ResNet (output stride 8).
+    """DeepLabV2: a dilated ResNet (output stride 8) and the atrous classifier, in two styles.
 
-    ``forward`` returns the logits ``P`` before upsampling (the SAM input), of size ``(ceil(H/8), ceil(W/8))``;
+    - ``style="pytorch"`` (the default): torchvision's ResNet (stride on the 3x3 convolution), ``layer3`` /
+      ``layer4`` dilated 2 / 4; reads torchvision files and downloads torchvision's ImageNet weights. Keys:
+      ``backbone.*`` (torchvision's names), ``classifier.convs.{i}.*``.
+    - ``style="caffe"``: the DeepLab ResNet of the UDA literature (AdaptSegNet, ADVENT, BDL, FDA, CRST; see
+      :mod:`uda_sam.nn.caffe_resnet`), which reads the DeepLab init files and the published trained models, with
+      their Caffe normalisation (BGR, 0-255, mean subtracted: ``data.normalization: caffe``). Keys: ``backbone.*``
+      (the published names: ``conv1``, ``layer1.0.conv1``, ...), ``classifier.conv2d_list.{i}.*``.
+
+    ``forward`` returns the logits ``P`` before upsampling (the SAM input): ``(ceil(H/8), ceil(W/8))`` for the
+    pytorch style, ``ceil((floor(ceil(H/2)/2) + 1) / 2)`` rows (65 x 129 for 512 x 1024) for the caffe style;
     ``upsample_logits`` resizes them bilinearly with ``align_corners=True``.
 
     With ``freeze_bn=True`` (the default; the paper trains with batch size 1) every BatchNorm layer stays in eval mode
@@ -63,14 +117,26 @@ class DeepLabV2(nn.Module):
 
     Args:
         num_classes: Output classes.
-        backbone: ``"resnet101"`` (the paper), ``"resnet50"`` or ``"resnet18"`` (small runs).
-        pretrained: ``None`` (random initialisation), ``"imagenet"`` (torchvision's ImageNet weights) or a path to
-            a torchvision-layout ResNet state dict; applies to the backbone only.
+        backbone: ``"resnet101"`` (the paper), ``"resnet50"`` or, for the pytorch style only, ``"resnet18"``
+            (small runs).
+        pretrained: Initialisation. ``None``: random. Pytorch style: ``"imagenet"`` (torchvision's ImageNet
+            weights) or a path to a torchvision-layout ResNet file, for the backbone. Caffe style: a path to a
+            DeepLab init file (``DeepLab_resnet_pretrained_init-f81d91e8.pth`` of AdaptSegNet/BDL/FDA, ADVENT's
+            ``DeepLab_resnet_pretrained_imagenet.pth``: keys under one extra prefix such as ``Scale.``); its
+            ``layer5`` head is loaded into the classifier when it has ``num_classes`` outputs and dropped otherwise
+            (the 21 PASCAL classes). Not read when ``weights`` is given.
         freeze_bn: Freeze BatchNorm as described above.
+        style: ``"pytorch"`` or ``"caffe"``, as above (mmcv/mmseg's names for where a bottleneck's stride sits).
+        aspp_branches: How many atrous branches (dilations 6, 12, 18, 24, in this order) the classifier sums:
+            4 as in DeepLabV2; 2 for AdaptSegNet's checkpoints, whose classifier returns after its second branch.
+        weights: A trained model to start from, read by :func:`~uda_sam.nn.load_deeplab_checkpoint`: a published
+            model (BDL/FDA/CRST single-level, AdaptSegNet/ADVENT multi-level; caffe style), a uda-sam Lightning
+            checkpoint or exported state dict. Every weight comes from it.
 
     Raises:
-        ValueError: On an unknown backbone, ``num_classes < 1`` or a mismatching weights file.
-        FileNotFoundError: If the weights file does not exist.
+        ValueError: On an unknown backbone or style, ``num_classes < 1``, ``aspp_branches`` outside 1..4, or a
+            weights file of another layout, architecture or class count.
+        FileNotFoundError: If a weights file does not exist.
         RuntimeError: If the ImageNet weights cannot be downloaded.
     """
 
@@ -80,15 +146,37 @@ class DeepLabV2(nn.Module):
         backbone: ResNetName = "resnet101",
         pretrained: str | None = None,
         freeze_bn: bool = True,
+        style: Style = "pytorch",
+        aspp_branches: int = 4,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer; got {num_classes}")
+        if style not in get_args(Style):
+            raise ValueError(f"style must be one of {list(get_args(Style))}; got {style!r}")
+        if not isinstance(aspp_branches, int) or not 1 <= aspp_branches <= len(ASPP_DILATIONS):
+            raise ValueError(
+                f"aspp_branches must be an integer in 1..{len(ASPP_DILATIONS)}; got {aspp_branches!r}"
+            )
         self.num_classes = int(num_classes)
         self.freeze_bn = bool(freeze_bn)
-        self.backbone = DilatedResNet(backbone, pretrained=pretrained)
-        self.feature_channels: int = self.backbone.out_channels
-        self.classifier = AtrousClassifier(self.feature_channels, self.num_classes)
+        self.style: Style = style
+        self.aspp_branches = aspp_branches
+        dilations = ASPP_DILATIONS[:aspp_branches]
+        init = None if weights is not None else pretrained
+        if style == "pytorch":
+            self.backbone: DilatedResNet | CaffeResNet = DilatedResNet(backbone, pretrained=init)
+            self.feature_channels: int = self.backbone.out_channels
+            self.classifier: nn.Module = AtrousClassifier(self.feature_channels, self.num_classes, dilations)
+        else:
+            self.backbone = CaffeResNet(backbone)
+            self.feature_channels = self.backbone.out_channels
+            self.classifier = CaffeAtrousClassifier(self.feature_channels, self.num_classes, dilations)
+            if init is not None:
+                load_deeplab_init(self, init)
+        if weights is not None:
+            load_deeplab_checkpoint(self, weights)
         if self.freeze_bn:
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -113,8 +201,8 @@ class DeepLabV2(nn.Module):
             return_features: Also return the classifier's input (for the feature-layer SAM variant).
 
         Returns:
-            Logits ``(B, num_classes, ceil(H/8), ceil(W/8))``, or ``(logits, features)`` with features
-            ``(B, feature_channels, ceil(H/8), ceil(W/8))``.
+            Logits ``(B, num_classes, h, w)`` at output stride 8 (``h``, ``w`` as in the class description), or
+            ``(logits, features)`` with features ``(B, feature_channels, h, w)``.
         """
         _check_image(x)
         features = self.backbone(x)
