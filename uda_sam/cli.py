@@ -68,7 +68,9 @@ def make_toy_data_command(argv: list[str]) -> int:
     parser.add_argument("--num-source", type=int, default=200, help="source images (default: 200)")
     parser.add_argument("--num-target", type=int, default=200, help="target training images (default: 200)")
     parser.add_argument("--num-val", type=int, default=50, help="target validation images (default: 50)")
-    parser.add_argument("--num-test", type=int, default=100, help="labelled target test images (default: 100)")
+    parser.add_argument(
+        "--num-test", type=int, default=100, help="labelled target test images (default: 100)"
+    )
     parser.add_argument(
         "--size", type=int, nargs=2, metavar=("W", "H"), default=(256, 128), help="target image size"
     )
