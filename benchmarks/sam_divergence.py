@@ -14,7 +14,13 @@ step:
 - ``grad_seg``, ``grad_sa``: norms of the gradients of ``L_seg(t)`` and of ``lambda * L_sa(t)`` on the target logits,
   and ``grad_sa_shift``: the share of the latter along the class-uniform direction;
 
-and, at the end, the target validation mIoU. Settings change one thing at a time from the toy's former Ours stage
+and, at the end, the target validation mIoU. Before training, a probe measures how strongly the loss feeds the
+class-uniform component back into itself: one plain gradient step of ``lambda * L_sa`` alone, of size ``eps``, moves
+the mean logit ``u`` by ``a * eps * u`` (``gain`` a; the first-order rate of the mode, backbone included). Under SGD
+with momentum ``mu`` and learning rate ``lr`` that mode alone grows by the factor ``rho`` per step, the larger root of
+``rho^2 - (1 + mu + lr * a) rho + mu = 0``; the table sets it next to the factor measured over the first 10 steps
+and over the last 50. ``python benchmarks/sam_divergence.py --probe`` prints the gain for a network and weights of
+your own. Settings change one thing at a time from the toy's former Ours stage
 (Adam 1e-3, lambda 0.1, trainable BatchNorm, trained SAM, eq. (8)&(10)); see ``SETTINGS``.
 
 Usage (the inputs come from a toy pipeline run, or from ``--prepare``, which trains them)::
@@ -27,6 +33,7 @@ Usage (the inputs come from a toy pipeline run, or from ``--prepare``, which tra
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -45,7 +52,7 @@ from machine import machine_info  # noqa: E402
 
 from uda_sam.data import Cityscapes, UDADataModule  # noqa: E402
 from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
-from uda_sam.nn import DeepLabV2  # noqa: E402
+from uda_sam.nn import DeepLabV2, self_attention_loss  # noqa: E402
 from uda_sam.sam_io import load_network_weights  # noqa: E402
 from uda_sam.tasks import SelfTraining  # noqa: E402
 
@@ -78,9 +85,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "(8), sgd, lambda 0.0025": {**SGD, "lambda_sa": 0.0025},
     "(8), sgd lr/4, lambda 0.01": {**SGD, "lr": 2.5e-3, "lambda_sa": 0.01},
     "(8), sgd, label attention": {**SGD, "attention": "labels"},
-    "(8), adam, label attention": {"attention": "labels"},
     "(8), sgd, no conv": {**SGD, "attention": "noconv"},
-    "(8), adam, no conv": {"attention": "noconv"},
     "(8), sgd, frozen BN": {**SGD, "freeze_bn": True},
     "(8), sgd, trained start, frozen BN": {**SGD, "init": "no_pseudo", "freeze_bn": True},
     "(8), sgd, trained start, frozen BN, lambda 0.0025": {
@@ -226,6 +231,38 @@ def _target_ground_truth(data_root: Path) -> dict[str, Tensor]:
     return {sample["name"]: sample["mask"] for sample in (dataset[i] for i in range(len(dataset)))}
 
 
+def uniform_mode_gain(
+    network: nn.Module, sam: nn.Module, images: Tensor, lambda_sa: float, target: str, eps: float = 1e-4
+) -> float:
+    """The gain ``a`` of the class-uniform mode: a step ``-eps * grad(lambda * L_sa)`` moves ``u = mean(P)`` by
+    ``a * eps * u`` (measured on a copy of ``network`` in train mode, first order in ``eps``)."""
+    probe = copy.deepcopy(network).train()
+    params = [q for q in probe.parameters() if q.requires_grad]
+    logits = probe(images)
+    before = float(logits.detach().mean())
+    grads = torch.autograd.grad(lambda_sa * self_attention_loss(logits, sam, target=target), params)
+    with torch.no_grad():
+        for param, grad in zip(params, grads, strict=True):
+            param -= eps * grad
+        after = float(probe(images).mean())
+    return (after - before) / (eps * before)
+
+
+def momentum_growth(gain: float, lr: float, momentum: float) -> float:
+    """The per-step growth factor of a mode with gradient gain ``gain`` under SGD with momentum (larger root)."""
+    b = 1.0 + momentum + lr * gain
+    return (b + math.sqrt(b * b - 4.0 * momentum)) / 2.0
+
+
+def _measured_growth(records: list[dict[str, float]], first: int, last: int) -> float:
+    """``exp(mean d ln|shift| / d step)`` between the records at steps ``first`` and ``last`` (nan if missing)."""
+    by_step = {int(r["step"]): abs(r["shift"]) for r in records}
+    a, b = by_step.get(first), by_step.get(last)
+    if not a or not b or not math.isfinite(a) or not math.isfinite(b):
+        return float("nan")
+    return math.exp((math.log(b) - math.log(a)) / (last - first))
+
+
 def run_setting(
     name: str, overrides: dict[str, Any], start: Path, data_root: Path, steps: int, every: int, seed: int
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
@@ -257,6 +294,16 @@ def run_setting(
         task.lambda_sa = lambda_sa
         task.sam = LabelAttention(19)
     task.nonfinite_step = None
+    datamodule = _datamodule(data_root, start / "pseudo_labels")
+    datamodule.setup("fit")
+    images = torch.stack([datamodule.target_train[i]["image"] for i in range(2)])
+    gain = float("nan")
+    if task.sam is not None:
+        if isinstance(task.sam, LabelAttention):
+            task.sam.labels = torch.stack(
+                [task.target_gt[datamodule.target_train[i]["name"]] for i in range(2)]
+            )
+        gain = uniform_mode_gain(task.network, task.sam, images, lambda_sa, options["sa_target"])
     trainer = Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -268,7 +315,6 @@ def run_setting(
         limit_val_batches=0,
         callbacks=[StopWhenNonFinite()],
     )
-    datamodule = _datamodule(data_root, start / "pseudo_labels")
     began = time.monotonic()
     trainer.fit(task, datamodule=datamodule)
     seconds = time.monotonic() - began
@@ -290,6 +336,12 @@ def run_setting(
         "last_loss": last["loss"],
         "last_shift": last["shift"],
         "sa_over_seg": _median_ratio(records),
+        "gain": gain,
+        "predicted_growth": momentum_growth(gain, options["lr"], options["momentum"])
+        if options["optimizer"] == "sgd" and math.isfinite(gain)
+        else float("nan"),
+        "growth_first_10": _measured_growth(records, 0, 10),
+        "growth_last_50": _measured_growth(records, steps - 10 - 50, steps - 10),
         "nonfinite_step": task.nonfinite_step,
         "val_miou": miou,
         "seconds": seconds,
@@ -345,8 +397,9 @@ def prepare(out: Path, data_root: Path, steps: int, seed: int) -> None:
 def _table(summaries: list[dict[str, Any]]) -> str:
     lines = [
         "| setting | logit norm: first → max → last | loss: first → last | class-uniform shift (last) | "
-        "median grad λ·L_sa / L_seg(t) on P | first non-finite step | val mIoU (%) |",
-        "|---|---|---|---|---|---|---|",
+        "median grad λ·L_sa / L_seg(t) on P | gain a | shift growth per step: predicted (SGD) / first 10 / "
+        "last 50 | first non-finite step | val mIoU (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         nonfinite = "" if s["nonfinite_step"] is None else str(s["nonfinite_step"])
@@ -354,6 +407,7 @@ def _table(summaries: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {s['setting']} | {s['first_logit_norm']:.3g} → {s['max_logit_norm']:.3g} → {s['last_logit_norm']:.3g} "
             f"| {s['first_loss']:.3g} → {s['last_loss']:.3g} | {s['last_shift']:.3g} | {s['sa_over_seg']:.3g} "
+            f"| {s['gain']:.3g} | {s['predicted_growth']:.3g} / {s['growth_first_10']:.3g} / {s['growth_last_50']:.3g} "
             f"| {nonfinite} | {miou} |"
         )
     return "\n".join(lines)
