@@ -50,9 +50,8 @@ def toy_runs(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "data").mkdir()
     (work / "data" / "toy").symlink_to(toy_root, target_is_directory=True)
     with working_dir(work):
-        assert (
-            main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL]) == 0
-        )  # with the offline WandbLogger
+        # With the offline WandbLogger; 3 steps, validated at step 2 only.
+        assert main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--trainer.max_steps=3"]) == 0
         assert main(["fit", "--config", str(TOY / "sam_pretrain.yaml"), *SMALL, *NO_LOGGER]) == 0
     return work
 
@@ -128,7 +127,10 @@ def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
     assert (no_pseudo / "config.yaml").is_file()
     assert list((no_pseudo / "wandb").glob("offline-run-*"))
     ckpt = torch.load(no_pseudo / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 2 and not any(k.startswith("sam.") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 3 and not any(k.startswith("sam.") for k in ckpt["state_dict"])
+    # The best-on-validation network is kept under its own name.
+    assert sorted(p.name for p in (no_pseudo / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(no_pseudo / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
     sam = torch.load(toy_runs / "runs" / "toy" / "sam_pretrain" / "sam.pt", weights_only=True)
     assert sam["num_classes"] == 19 and sam["use_conv"]
 

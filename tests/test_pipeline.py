@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from uda_sam.cli import main
@@ -31,7 +32,7 @@ def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
         "--data.source_size=[72,40]",
         "--data.target_size=[64,32]",
         "--data.batch_size=1",
-        "--trainer.max_steps=2",
+        "--trainer.max_steps=3",  # validated at step 2 only: last.ckpt must still hold step 3
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
@@ -50,13 +51,16 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
     seed = out / "seed_0"
     config = load_pipeline_config(path)
 
-    # Every stage's artefacts exist.
-    assert (seed / "no_pseudo" / "checkpoints" / "last.ckpt").is_file()
+    # Every stage's artefacts exist; last.ckpt holds the last step, best.ckpt the validated one.
+    stages = [seed / "no_pseudo", seed / "sam_pretraining"]
+    stages += [seed / s / f"generation_{g}" for s in ("pseudo_only", "ours_8_10") for g in (1, 2)]
+    for stage in stages:
+        assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+        assert torch.load(stage / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
     assert (seed / "sam_pretraining" / "sam.pt").is_file()
     for setting in ("pseudo_only", "ours_8_10"):
         for generation in (1, 2):
             stage = seed / setting / f"generation_{generation}"
-            assert (stage / "checkpoints" / "last.ckpt").is_file()
             labels = stage / "pseudo_labels" / f"generation_{generation}"
             assert (labels / "thresholds.json").is_file() and (labels / "statistics.json").is_file()
             assert len(list(labels.rglob("*.png"))) == 4
@@ -84,6 +88,23 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
     # A second run resumes: every stage is skipped.
     assert main(["pipeline", "--config", str(path)]) == 0
     assert printed.count("[skip]") == 0 and capsys.readouterr().out.count("[skip]") == 6
+
+
+def test_stage_checkpoints_write_last_at_the_last_step(tmp_path: Path) -> None:
+    """A config with only a monitored checkpoint gets a LastStepCheckpoint; none writes a lagging last.ckpt."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from uda_sam.callbacks import LastStepCheckpoint
+    from uda_sam.pipeline import _route_checkpoints
+
+    best = ModelCheckpoint(monitor="val/mIoU", mode="max", save_last=True)
+    trainer = Trainer(callbacks=[best], val_check_interval=5, logger=False, enable_progress_bar=False)
+    _route_checkpoints(trainer, tmp_path / "checkpoints")
+    last = [c for c in trainer.callbacks if isinstance(c, LastStepCheckpoint)]
+    assert len(last) == 1 and trainer.callbacks[-1] is last[0]
+    assert last[0]._every_n_train_steps == 5 and best.save_last is False
+    assert best.dirpath == last[0].dirpath == str(tmp_path / "checkpoints")
 
 
 def test_refuses_a_folder_of_another_config(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from uda_sam.callbacks import (
         AttentionVisualization,
         EntropyAnalysisCallback,
+        LastStepCheckpoint,
         PredictionWriter,
         PseudoLabelRegeneration,
         SelfAttentionLoss,
@@ -96,6 +97,7 @@ _EXPORTS: dict[str, str] = {
     "PredictionWriter": "uda_sam.callbacks",
     "EntropyAnalysisCallback": "uda_sam.callbacks",
     "AttentionVisualization": "uda_sam.callbacks",
+    "LastStepCheckpoint": "uda_sam.callbacks",
 }
 
 __all__ = [
@@ -131,6 +133,7 @@ __all__ = [
     "PredictionWriter",
     "EntropyAnalysisCallback",
     "AttentionVisualization",
+    "LastStepCheckpoint",
 ]
 
 

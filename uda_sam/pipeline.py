@@ -306,8 +306,6 @@ def run_stage(
         print(f"  [skip] {name}: finished earlier ({result_file})", flush=True)
         return StageResult(**json.loads(result_file.read_text()))
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
     from uda_sam.cli import UDASamCLI
 
@@ -331,12 +329,8 @@ def run_stage(
         sys.argv = argv
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
 
-    has_checkpointing = False
+    _route_checkpoints(trainer, checkpoint_dir)
     for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            callback.dirpath = str(checkpoint_dir)
-            callback.save_last = True
-            has_checkpointing = True
         if isinstance(callback, PseudoLabelRegeneration):
             if teacher is None:
                 raise PipelineConfigError(
@@ -346,16 +340,13 @@ def run_stage(
             callback.output_dir = stage_dir / "pseudo_labels"
             callback.first_generation = generation
             callback.num_generations = 1
-    if not has_checkpointing:
-        raise PipelineConfigError(
-            f"stage {name!r}: its config has no ModelCheckpoint callback; add one with save_last: true"
-        )
 
     last = checkpoint_dir / "last.ckpt"
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     if not last.is_file():
         raise RuntimeError(f"stage {name!r} finished without writing {last}")
-    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    # The network scored is the file handed on as the next generation's teacher: the last step's.
+    metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)[0]
 
     sam_file = model.resolve_export_path() if hasattr(model, "resolve_export_path") else None
     label_dir = next(
@@ -375,6 +366,30 @@ def run_stage(
     del cli, trainer, model, datamodule
     gc.collect()
     return result
+
+
+def _route_checkpoints(trainer: Any, checkpoint_dir: Path) -> None:
+    """Write every checkpoint of a stage into ``checkpoint_dir``, with ``last.ckpt`` at the stage's last step.
+
+    ``last.ckpt`` is written by a :class:`~uda_sam.callbacks.LastStepCheckpoint` (added when the config has none);
+    other checkpoints keep their own names and no longer write a ``last.ckpt`` of their own, which would lag
+    behind (Lightning's ``save_last`` with ``monitor`` writes it only when the monitored score improves).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from uda_sam.callbacks import LastStepCheckpoint
+
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    if not any(isinstance(c, LastStepCheckpoint) for c in checkpoints):
+        interval = trainer.val_check_interval
+        every = interval if isinstance(interval, int) else None
+        added = LastStepCheckpoint(every_n_train_steps=every)
+        trainer.callbacks.append(added)  # after every other callback, as Lightning orders checkpoints
+        checkpoints.append(added)
+    for callback in checkpoints:
+        callback.dirpath = str(checkpoint_dir)
+        if not isinstance(callback, LastStepCheckpoint):
+            callback.save_last = False
 
 
 def _finish_loggers(trainer: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from uda_sam.callbacks.attention import AttentionVisualization
+from uda_sam.callbacks.checkpoint import LastStepCheckpoint
 from uda_sam.callbacks.entropy import EntropyAnalysisCallback
 from uda_sam.callbacks.prediction_writer import PredictionWriter
 from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
@@ -11,6 +12,7 @@ from uda_sam.callbacks.self_attention_loss import SelfAttentionLoss
 __all__ = [
     "AttentionVisualization",
     "EntropyAnalysisCallback",
+    "LastStepCheckpoint",
     "PredictionWriter",
     "PseudoLabelRegeneration",
     "SelfAttentionLoss",
