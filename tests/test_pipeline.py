@@ -10,7 +10,9 @@ import torch
 import yaml
 
 from uda_sam.cli import main
+from uda_sam.generation import state_dict_sha256
 from uda_sam.pipeline import PipelineConfigError, load_pipeline_config
+from uda_sam.sam_io import network_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy"
@@ -69,7 +71,9 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
 
     # Generation 2's labels come from generation 1's network.
     record = json.loads((seed / "pseudo_only" / "generation_2" / "pseudo_labels" / "generation_2" / "thresholds.json").read_text())
-    assert record["signature"]["teacher"] == str(seed / "pseudo_only" / "generation_1" / "checkpoints" / "last.ckpt")
+    teacher = seed / "pseudo_only" / "generation_1" / "checkpoints" / "last.ckpt"
+    assert record["description"]["teacher"] == str(teacher)
+    assert record["key"]["teacher_sha256"] == state_dict_sha256(network_state_dict(teacher))
 
     # The table parses: a row per setting, a column per generation, numbers in percent.
     table = (out / "results.md").read_text()

@@ -50,7 +50,9 @@ class PseudoLabelRegeneration(Callback):
         reinitialize: Restart the student network, optimiser and schedule at each new generation.
         batch_size: Images per inference batch.
         num_workers: Data-loading workers for inference.
-        reuse_existing: Reuse a finished generation folder whose recorded run signature matches this run's.
+        reuse_existing: Reuse a finished generation folder made by the same teacher weights from the same target
+            images, size, normalisation, cap and bins (a resumed run); any other folder is made again. ``False``
+            always makes the labels again.
         first_generation: Index of this fit's first generation, when generations run as separate fits (generation
             ``k`` of such a protocol is a fit with ``first_generation=k`` whose teacher is generation ``k - 1``).
     """
@@ -199,7 +201,7 @@ class PseudoLabelRegeneration(Callback):
             network,
             dataset,
             label_dir,
-            signature={"generation": index, "teacher": teacher},
+            description={"generation": index, "teacher": teacher},
             num_classes=getattr(network, "num_classes", 19),
             cap=self.cap,
             num_bins=self.num_bins,
@@ -208,7 +210,7 @@ class PseudoLabelRegeneration(Callback):
             device=pl_module.device,
             autocast_dtype=autocast_dtype_for(trainer.precision),
             group=group,
-            reuse_existing=self.reuse_existing,
+            reuse="matching" if self.reuse_existing else "never",
             progress=trainer.progress_bar_callback is not None,
         )
         self.generation = generation
@@ -223,6 +225,11 @@ class PseudoLabelRegeneration(Callback):
         share = stats.get("labelled_share")
         precision = stats.get("precision")
         reused = " (reused)" if result.reused else ""
+        if result.replaced:
+            rank_zero_info(
+                f"Pseudo labels, generation {generation}: replaced the labels made otherwise in {result.label_dir} "
+                f"({'; '.join(result.replaced)})"
+            )
         rank_zero_info(
             f"Pseudo labels, generation {generation}{reused}: {share:.1%} of pixels labelled"
             + (f", {precision:.1%} agree with the ground truth" if precision is not None else "")
