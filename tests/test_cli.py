@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uda_sam.cli import EXTRA_COMMANDS, main
+from uda_sam.cli import EXTRA_COMMANDS, RunFolderError, main
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy"
@@ -133,6 +133,29 @@ def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
     assert torch.load(no_pseudo / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
     sam = torch.load(toy_runs / "runs" / "toy" / "sam_pretrain" / "sam.pt", weights_only=True)
     assert sam["num_classes"] == 19 and sam["use_conv"]
+
+
+def test_fit_refuses_an_earlier_runs_folder_but_resumes_it(toy_runs: Path) -> None:
+    run = toy_runs / "runs" / "toy" / "no_pseudo"
+    before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    args = ["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, "--trainer.max_steps=3"]
+    with working_dir(toy_runs), pytest.raises(RunFolderError) as refused:
+        main(args)
+    message = str(refused.value)
+    checkpoints = run.resolve() / "checkpoints"
+    assert f"{checkpoints} holds best.ckpt, last.ckpt" in message
+    assert "LastStepCheckpoint.dirpath, ModelCheckpoint.dirpath" in message
+    assert f"--ckpt_path {checkpoints / 'last.ckpt'}" in message
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before  # nothing written
+    # Resuming the run from its own checkpoint is fine (it is finished: nothing more is trained).
+    with working_dir(toy_runs):
+        assert main([*args, "--ckpt_path", "runs/toy/no_pseudo/checkpoints/last.ckpt"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    # The SAM file counts as the run's too.
+    sam = ["fit", "--config", str(TOY / "sam_pretrain.yaml"), *SMALL, *NO_LOGGER]
+    with working_dir(toy_runs), pytest.raises(RunFolderError, match=r"sam_pretrain holds sam\.pt"):
+        main(sam)
 
 
 def test_toy_validate_and_predict(toy_runs: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import uda_sam.callbacks  # noqa: F401  (registers the callbacks for short class names in configs)
@@ -23,7 +27,7 @@ from uda_sam import __version__
 from uda_sam.data import UDADataModule
 from uda_sam.tasks import SegmentationTask
 
-__all__ = ["EXTRA_COMMANDS", "LIGHTNING_COMMANDS", "UDASamCLI", "main"]
+__all__ = ["EXTRA_COMMANDS", "LIGHTNING_COMMANDS", "RunFolderError", "UDASamCLI", "main"]
 
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train a task from a YAML config (stage 0, 1 or 2 of the method)",
@@ -33,11 +37,89 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 }
 
 
+class RunFolderError(FileExistsError):
+    """``fit`` would write into folders that hold another run's checkpoints or pseudo labels."""
+
+
+def _checkpoint_dir(trainer: Trainer, callback: ModelCheckpoint) -> Path | None:
+    if callback.dirpath is not None:
+        return Path(callback.dirpath)
+    # Without a logger Lightning writes to default_root_dir/checkpoints; with one, to the logger's own run folder.
+    return Path(trainer.default_root_dir) / "checkpoints" if trainer.logger is None else None
+
+
+def earlier_run_files(trainer: Trainer, model: Any) -> dict[Path, tuple[list[str], set[str]]]:
+    """Files of an earlier run in the folders this fit writes to.
+
+    Looks for ``*.ckpt`` in every checkpoint folder, ``generation_*`` in the pseudo-label folder and the exported
+    SAM file.
+
+    Returns:
+        ``{folder: (names of the files found there, options that name the folder)}``.
+    """
+    from uda_sam.callbacks import PseudoLabelRegeneration
+
+    found: dict[Path, tuple[list[str], set[str]]] = {}
+
+    def add(folder: Path, pattern: str, option: str) -> None:
+        names = sorted(p.name for p in folder.glob(pattern))
+        if names:
+            found.setdefault(folder, (names, set()))[1].add(option)
+
+    for callback in trainer.callbacks:
+        if (
+            isinstance(callback, ModelCheckpoint)
+            and (folder := _checkpoint_dir(trainer, callback)) is not None
+        ):
+            add(folder, "*.ckpt", f"{type(callback).__name__}.dirpath")
+        elif isinstance(callback, PseudoLabelRegeneration):
+            add(Path(callback.output_dir), "generation_*", "PseudoLabelRegeneration.output_dir")
+    export = getattr(model, "sam_export_path", None)
+    if export is not None:
+        add(Path(export).parent, Path(export).name, "model.init_args.sam_export_path")
+    return found
+
+
+def _resumes_this_run(trainer: Trainer, ckpt_path: str | None) -> bool:
+    if ckpt_path is None:
+        return False
+    if ckpt_path in ("last", "hpc") or ckpt_path.startswith("registry"):
+        return True  # Lightning finds the checkpoint among this run's own
+    folders = [_checkpoint_dir(trainer, c) for c in trainer.checkpoint_callbacks]  # type: ignore[arg-type]
+    parent = Path(ckpt_path).resolve().parent
+    return any(folder is not None and folder.resolve() == parent for folder in folders)
+
+
+def refuse_earlier_run(trainer: Trainer, model: Any, ckpt_path: str | None) -> None:
+    """Refuse to start a new fit whose folders hold another run's files (a resume of that run is fine).
+
+    Raises:
+        RunFolderError: Naming the files, the options that name their folders, and how to resume instead.
+    """
+    if _resumes_this_run(trainer, ckpt_path):
+        return
+    found = earlier_run_files(trainer, model)
+    if not found:
+        return
+    listing = "; ".join(
+        f"{folder} holds {', '.join(names)} (folder set by {', '.join(sorted(options))})"
+        for folder, (names, options) in found.items()
+    )
+    last = next((folder / "last.ckpt" for folder, (names, _) in found.items() if "last.ckpt" in names), None)
+    resume = f" To continue that run, add --ckpt_path {last}." if last is not None else ""
+    raise RunFolderError(
+        f"this fit would mix its files with an earlier run's: {listing}.{resume} To start a new run, set those "
+        "options (and trainer.default_root_dir, the logger's save_dir) to other folders, or delete the files."
+    )
+
+
 class UDASamCLI(LightningCLI):
     """LightningCLI over :class:`~uda_sam.tasks.SegmentationTask` subclasses and :class:`~uda_sam.data.UDADataModule`.
 
     Tasks configure their own optimiser and schedule (``auto_configure_optimizers=False``); the seed defaults to 0;
-    the resolved config is written (overwriting) next to the logs.
+    the resolved config is written (overwriting) next to the logs. ``fit`` refuses to start a new run in folders
+    holding another run's checkpoints or pseudo labels (:func:`refuse_earlier_run`); resuming with
+    ``--ckpt_path`` is fine.
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: object) -> None:
@@ -56,6 +138,10 @@ class UDASamCLI(LightningCLI):
             },
         )
         super().__init__(args=list(args) if args is not None else None, run=run, **kwargs)  # type: ignore[arg-type]
+
+    def before_fit(self) -> None:
+        """Refuse a new fit into another run's folders."""
+        refuse_earlier_run(self.trainer, self.model, self._get(self.config, "ckpt_path"))
 
 
 def make_toy_data_command(argv: list[str]) -> int:
