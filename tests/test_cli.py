@@ -188,29 +188,52 @@ def test_toy_stage2_ours(toy_runs: Path) -> None:
     assert list((run / "pseudo_labels").rglob("*.png"))
 
 
-def test_missing_dataset_root_fails_before_training(tmp_path: Path) -> None:
-    with working_dir(tmp_path), pytest.raises(FileNotFoundError, match="GTA5 root .*nowhere"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(TOY / "no_pseudo.yaml"),
-                *SMALL,
-                *NO_LOGGER,
-                "--data.source_root=nowhere/gta5",
-            ]
-        )
-    assert not (tmp_path / "runs" / "toy" / "no_pseudo" / "checkpoints").exists()
+def one_error(capsys: pytest.CaptureFixture[str], text: str) -> str:
+    """The command's stderr, checked to end with its one error message, printed once, without object dumps."""
+    err = capsys.readouterr().err
+    assert err.count(text) == 1, err
+    assert text in err.strip().splitlines()[-1] and "Traceback" not in err and "Namespace(" not in err
+    return err
 
 
-def test_missing_sam_file_fails_before_training(tmp_path: Path) -> None:
-    args = ["--model.init_args.lambda_sa=0.1", "--model.init_args.sam_path=nowhere/sam.pt"]
-    # jsonargparse reports the task's FileNotFoundError inside its own ValueError; the message is kept.
-    with (
-        working_dir(tmp_path),
-        pytest.raises((FileNotFoundError, ValueError), match=r"sam_path: nowhere/sam\.pt does not exist"),
-    ):
-        main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, *args])
+def test_missing_dataset_root_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # With the config's offline W&B logger: the failed start leaves no W&B run behind.
+    with working_dir(tmp_path):
+        assert main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source_root=nowhere/gta5"]) == 2
+    one_error(capsys, "uda-sam fit: error: GTA5 root nowhere/gta5 does not exist")
+    assert list((tmp_path / "runs").rglob("*")) == [tmp_path / "runs" / "toy", tmp_path / "runs" / "toy" / "no_pseudo"]
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("fit", ["--model.init_args.lambda_sa=-1"], "lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"),
+        ("validate", ["--model.init_args.lambda_sa=-1"], "lambda_sa must be >= 0"),
+        (
+            "fit",
+            ["--model.init_args.lambda_sa=0.1", "--model.init_args.sam_path=nowhere/sam.pt"],
+            "sam_path: nowhere/sam.pt does not exist",
+        ),
+    ],
+)
+def test_bad_config_gives_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, args: list[str], message: str
+) -> None:
+    with working_dir(tmp_path):
+        assert main([command, "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, *args]) == 2
+    one_error(capsys, f"uda-sam {command}: error: {message}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wandb_disabled_wins_over_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from uda_sam.cli import UDASamCLI
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with working_dir(tmp_path):
+        cli = UDASamCLI(args=["--config", str(TOY / "no_pseudo.yaml"), *SMALL], run=False)
+        cli.trainer.logger.experiment.log({"x": 1.0})
+    assert os.environ["WANDB_MODE"] == "disabled"
+    assert not list(tmp_path.rglob("wandb"))  # no offline run written
 
 
 def test_unknown_choice_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:

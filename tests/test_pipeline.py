@@ -124,6 +124,17 @@ def test_refuses_a_folder_of_another_config(tmp_path: Path, toy_root: Path, caps
     assert "was not made by" in capsys.readouterr().err
 
 
+def test_bad_stage_argument_gives_one_message(
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = pipeline_file(tmp_path, toy_root)
+    assert main(["pipeline", "--config", str(path), "--args", "--model.init_args.lambda_sa=-1"]) == 2
+    err = capsys.readouterr().err
+    message = "uda-sam pipeline: error: lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"
+    assert err.count("lambda_sa must be") == 1 and err.strip().splitlines()[-1] == message
+    assert "Traceback" not in err and "Namespace(" not in err
+
+
 def test_refuses_inconsistent_stages(tmp_path: Path, toy_root: Path) -> None:
     path = pipeline_file(tmp_path, toy_root)
     config = yaml.safe_load(path.read_text())
