@@ -10,16 +10,22 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 import uda_sam.callbacks.pseudo_labels as callback_module
 import uda_sam.generation as generation_module
-from uda_sam.callbacks import PseudoLabelRegeneration
+from uda_sam.callbacks import LastStepCheckpoint, PseudoLabelRegeneration
 from uda_sam.generation import generate_pseudo_labels
 from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels
 from uda_sam.tasks import SelfTraining
+
+try:
+    from tests.conftest import TinySegNet
+except ImportError:  # tests/ itself is on sys.path (no tests/__init__.py)
+    from conftest import TinySegNet  # type: ignore[no-redef]
 
 
 def read_labels(folder: Path) -> dict[str, np.ndarray]:
@@ -248,12 +254,78 @@ def test_callback_generations_and_resume(
     assert trainer.global_step == 8
 
 
+class Killed(Exception):
+    """Stands for the run being killed."""
+
+
+class KillAt(Callback):
+    """Raises before the step after ``step``, whose checkpoint was written."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+class DropoutNet(TinySegNet):
+    """A tiny network that draws from the global random generator at every training step."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> Any:
+        features = F.dropout2d(self.backbone(x), 0.2, self.training)
+        logits = self.classifier(features)
+        return (logits, features) if return_features else logits
+
+
+def test_resume_from_last_checkpoint_is_exact(tmp_path: Path, toy_datamodule: Callable) -> None:
+    """Two generations in one fit, killed in generation 1 (mid-epoch), at its last step and in generation 2, each
+    time resumed from last.ckpt: the weights equal those of an uninterrupted run."""
+    teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", TinySegNet())
+
+    def fit(run: Path, kill_at: int | None = None) -> SelfTraining:
+        last = run / "checkpoints" / "last.ckpt"
+        callbacks = [
+            PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(run / "labels"),
+                                    num_generations=2, steps_per_generation=4, num_workers=0),
+            LastStepCheckpoint(dirpath=str(run / "checkpoints"), every_n_train_steps=1),
+            KillAt(kill_at),
+        ]
+        torch.manual_seed(0)
+        task = SelfTraining(network=DropoutNet(), lambda_sa=0.0, lr=1e-2)
+        trainer = Trainer(
+            accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=1,
+            default_root_dir=str(run), callbacks=callbacks,
+        )
+        # 4 images, batch 1, 2 steps an epoch: generation 1 is steps 1-4, generation 2 steps 5-8.
+        datamodule = toy_datamodule(steps_per_epoch=2)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        return task
+
+    uninterrupted = {k: v.clone() for k, v in fit(tmp_path / "a").network.state_dict().items()}
+    run = tmp_path / "b"
+    for step in (3, 4, 7):  # generation 1 mid-epoch; generation 1's last step (before generation 2); generation 2
+        with pytest.raises(Killed):
+            fit(run, kill_at=step)
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    resumed = fit(run)
+    assert resumed.trainer.global_step == 8 and resumed.schedule_origin == 4
+    weights = resumed.network.state_dict()
+    assert weights.keys() == uninterrupted.keys() and all(torch.equal(weights[k], uninterrupted[k]) for k in weights)
+    for generation in ("generation_1", "generation_2"):
+        a, b = read_labels(tmp_path / "a" / "labels" / generation), read_labels(run / "labels" / generation)
+        assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
 def test_callback_rejects_misaligned_generations(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
     teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
     callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
                                        num_generations=2, steps_per_generation=3, num_workers=0)
-    with pytest.raises(ValueError, match="steps_per_epoch"):
+    # 4 images, batch 1: epochs of 4 steps, which 3 is not a multiple of. Refused before any label is made.
+    with pytest.raises(ValueError, match=r"steps_per_generation=3 is not a multiple of the training epoch \(4 steps\)"):
         fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(), callback, max_steps=6)
+    assert not (tmp_path / "labels").exists()
 
 
 def test_callback_missing_teacher(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:

@@ -403,6 +403,7 @@ def _infer_and_cache(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # leaves the global random state to training (exact resume)
     )
     estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
     cached: list[tuple[Path, str]] = []
