@@ -121,6 +121,15 @@ def test_make_toy_data_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
+def test_make_toy_data_option_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-toy-data", str(tmp_path / "toy"), "--size", "16", "8"]) == 2
+    one_error(capsys, "uda-sam make-toy-data: error: size must be at least 32x16 pixels, got 16x8")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["make-toy-data", str(tmp_path / "other"), "--num-val", "1"]) == 2
+    one_error(capsys, f"uda-sam make-toy-data: error: toy data root {tmp_path / 'other'} is a non-empty folder")
+
+
 def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
     no_pseudo = toy_runs / "runs" / "toy" / "no_pseudo"
     assert (no_pseudo / "checkpoints" / "last.ckpt").is_file()

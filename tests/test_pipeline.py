@@ -11,7 +11,7 @@ import yaml
 
 from uda_sam.cli import main
 from uda_sam.generation import state_dict_sha256
-from uda_sam.pipeline import PipelineConfigError, load_pipeline_config
+from uda_sam.pipeline import PipelineConfigError, _claim_output_dir, load_pipeline_config
 from uda_sam.sam_io import network_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +133,23 @@ def test_bad_stage_argument_gives_one_message(
     message = "uda-sam pipeline: error: lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"
     assert err.count("lambda_sa must be") == 1 and err.strip().splitlines()[-1] == message
     assert "Traceback" not in err and "Namespace(" not in err
+
+
+def test_refusal_names_what_changed(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stage = tmp_path / "pseudo_only.yaml"
+    stage.write_text((TOY / "pseudo_only.yaml").read_text())
+    path = pipeline_file(tmp_path, toy_root)
+    config = yaml.safe_load(path.read_text())
+    config["settings"][0]["config"] = str(stage)
+    path.write_text(yaml.safe_dump(config))
+    _claim_output_dir(load_pipeline_config(path))  # what an earlier run recorded
+
+    stage.write_text(stage.read_text() + "# edited\n")
+    config["generations"] = 3
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {stage} content changed" in err and "generations: 2 -> 3" in err
 
 
 def test_refuses_inconsistent_stages(tmp_path: Path, toy_root: Path) -> None:

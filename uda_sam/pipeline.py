@@ -235,6 +235,33 @@ def _owner_record(config: PipelineConfig) -> dict[str, Any]:
     return record
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _record_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Each entry that differs between two owner records, as ``where: old -> new`` (a config file: its content)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            if where == "config_sha256":
+                if old.get(key) != new.get(key):
+                    state = "is new" if key not in old else "is gone" if key not in new else "content changed"
+                    out.append(f"config file {key} {state}")
+                continue
+            out += _record_differences(old.get(key), new.get(key), path)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for d in _record_differences(a, b, f"{where}[{i}]")
+        ]
+    return [] if old == new else [f"{where}: {_short(old)} -> {_short(new)}"]
+
+
 def _claim_output_dir(config: PipelineConfig) -> Path:
     out = Path(config.output_dir)
     owner_file = out / OWNER_FILE
@@ -242,9 +269,12 @@ def _claim_output_dir(config: PipelineConfig) -> Path:
     if owner_file.is_file():
         previous = json.loads(owner_file.read_text())
         if previous.get("record") != record:
+            changes = _record_differences(previous.get("record", {}), record)
+            listed = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
             raise PipelineConfigError(
-                f"{out} holds the results of another pipeline configuration (made from {previous.get('source_file')}); "
-                f"use another output_dir for {config.source_file}, or delete {out} to start over"
+                f"{out} holds the results of another pipeline configuration (made from {previous.get('source_file')}; "
+                f"what changed: {listed}); use another output_dir for {config.source_file}, or delete {out} to "
+                "start over"
             )
     elif out.exists() and any(out.iterdir()):
         raise PipelineConfigError(
