@@ -37,11 +37,15 @@ from uda_sam.tasks import SegmentationTask
 __all__ = [
     "EXTRA_COMMANDS",
     "LIGHTNING_COMMANDS",
+    "USER_ERRORS",
     "DiscardFailedStart",
     "RunFolderError",
     "UDASamCLI",
+    "discard_offline_wandb_run",
+    "earlier_run_files",
     "error_message",
     "main",
+    "refuse_earlier_run",
 ]
 
 LIGHTNING_COMMANDS: dict[str, str] = {
