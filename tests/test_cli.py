@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uda_sam.cli import EXTRA_COMMANDS, RunFolderError, main
+from uda_sam.cli import EXTRA_COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy"
@@ -41,6 +41,14 @@ def working_dir(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+def one_error(capsys: pytest.CaptureFixture[str], text: str) -> str:
+    """The command's stderr, checked to end with its one error message, printed once, without object dumps."""
+    err = capsys.readouterr().err
+    assert err.count(text) == 1, err
+    assert text in err.strip().splitlines()[-1] and "Traceback" not in err and "Namespace(" not in err
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +152,15 @@ def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
     assert sam["num_classes"] == 19 and sam["use_conv"]
 
 
-def test_fit_refuses_an_earlier_runs_folder_but_resumes_it(toy_runs: Path) -> None:
+def test_fit_refuses_an_earlier_runs_folder_but_resumes_it(
+    toy_runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = toy_runs / "runs" / "toy" / "no_pseudo"
     before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
     args = ["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, "--trainer.max_steps=3"]
-    with working_dir(toy_runs), pytest.raises(RunFolderError) as refused:
-        main(args)
-    message = str(refused.value)
+    with working_dir(toy_runs):
+        assert main(args) == 2
+    message = one_error(capsys, "uda-sam fit: error: this fit would mix its files with an earlier run's")
     checkpoints = run.resolve() / "checkpoints"
     assert f"{checkpoints} holds best.ckpt, last.ckpt" in message
     assert "LastStepCheckpoint.dirpath, ModelCheckpoint.dirpath" in message
@@ -163,8 +173,9 @@ def test_fit_refuses_an_earlier_runs_folder_but_resumes_it(toy_runs: Path) -> No
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     # The SAM file counts as the run's too.
     sam = ["fit", "--config", str(TOY / "sam_pretrain.yaml"), *SMALL, *NO_LOGGER]
-    with working_dir(toy_runs), pytest.raises(RunFolderError, match=r"sam_pretrain holds sam\.pt"):
-        main(sam)
+    with working_dir(toy_runs):
+        assert main(sam) == 2
+    assert "sam_pretrain holds sam.pt" in one_error(capsys, "uda-sam fit: error: this fit would mix")
 
 
 def test_toy_validate_and_predict(toy_runs: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -197,15 +208,10 @@ def test_toy_stage2_ours(toy_runs: Path) -> None:
     assert list((run / "pseudo_labels").rglob("*.png"))
 
 
-def one_error(capsys: pytest.CaptureFixture[str], text: str) -> str:
-    """The command's stderr, checked to end with its one error message, printed once, without object dumps."""
-    err = capsys.readouterr().err
-    assert err.count(text) == 1, err
-    assert text in err.strip().splitlines()[-1] and "Traceback" not in err and "Namespace(" not in err
-    return err
-
-
 def test_missing_dataset_root_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import wandb
+
+    wandb.finish()  # an earlier test's run would be taken over by the logger instead of a new one
     # With the config's offline W&B logger: the failed start leaves no W&B run behind.
     with working_dir(tmp_path):
         assert main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source_root=nowhere/gta5"]) == 2
@@ -235,8 +241,11 @@ def test_bad_config_gives_one_message(
 
 
 def test_wandb_disabled_wins_over_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
     from uda_sam.cli import UDASamCLI
 
+    wandb.finish()  # an earlier test's run would be taken over by the logger instead of a new one
     monkeypatch.setenv("WANDB_MODE", "disabled")
     with working_dir(tmp_path):
         cli = UDASamCLI(args=["--config", str(TOY / "no_pseudo.yaml"), *SMALL], run=False)

@@ -138,8 +138,10 @@ def _respect_wandb_disabled(trainer_config: Any) -> None:
         return
     loggers = trainer_config.get("logger")
     for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if str(getattr(logger, "class_path", "")).endswith("WandbLogger") and logger.init_args.get("offline"):
+        if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
             logger.init_args.offline = False
+            # Passed on to wandb.init, which otherwise may keep a mode read earlier in this process.
+            logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "mode": "disabled"}
 
 
 def discard_offline_wandb_run(logger: Any) -> None:
@@ -150,6 +152,8 @@ def discard_offline_wandb_run(logger: Any) -> None:
     if run is None:
         return
     folder = Path(run.dir).parent if getattr(run, "dir", None) else None
+    if folder is not None and not folder.resolve().is_relative_to(Path(logger.save_dir or ".").resolve()):
+        return  # a run this logger took over from an earlier one in the process: not its own to discard
     with contextlib.suppress(Exception):  # no "wandb sync <folder>" advice for a folder about to be deleted
         run._settings.silent = True
     wandb.finish(exit_code=1)
