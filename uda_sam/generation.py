@@ -403,7 +403,8 @@ def _infer_and_cache(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # leaves the global random state to training (exact resume)
+        # A generator of its own leaves the global random state to training (an exact resume).
+        generator=torch.Generator().manual_seed(0),
     )
     estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
     cached: list[tuple[Path, str]] = []
