@@ -46,6 +46,14 @@ def working_dir(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+def one_error(capsys: pytest.CaptureFixture[str], text: str) -> str:
+    """The command's stderr, checked to end with its one error message, printed once, without object dumps."""
+    err = capsys.readouterr().err
+    assert err.count(text) == 1, err
+    assert text in err.strip().splitlines()[-1] and "Traceback" not in err and "Namespace(" not in err
+    return err
+
+
 @pytest.fixture(scope="module")
 def toy_runs(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Stages 0 and 1 of the toy pipeline run through the CLI (in their own working directory)."""
@@ -53,9 +61,8 @@ def toy_runs(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "data").mkdir()
     (work / "data" / "toy").symlink_to(toy_root, target_is_directory=True)
     with working_dir(work):
-        assert (
-            main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL]) == 0
-        )  # with the offline WandbLogger
+        # With the offline WandbLogger; 3 steps, validated at step 2 only.
+        assert main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--trainer.max_steps=3"]) == 0
         assert main(["fit", "--config", str(TOY / "sam_pretrain.yaml"), *SMALL, *NO_LOGGER]) == 0
     return work
 
@@ -128,15 +135,53 @@ def test_make_toy_data_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
+def test_make_toy_data_option_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-toy-data", str(tmp_path / "toy"), "--size", "16", "8"]) == 2
+    one_error(capsys, "uda-sam make-toy-data: error: size must be at least 32x16 pixels, got 16x8")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["make-toy-data", str(tmp_path / "other"), "--num-val", "1"]) == 2
+    one_error(capsys, f"uda-sam make-toy-data: error: toy data root {tmp_path / 'other'} is a non-empty folder")
+
+
 def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
     no_pseudo = toy_runs / "runs" / "toy" / "no_pseudo"
     assert (no_pseudo / "checkpoints" / "last.ckpt").is_file()
     assert (no_pseudo / "config.yaml").is_file()
     assert list((no_pseudo / "wandb").glob("offline-run-*"))
     ckpt = torch.load(no_pseudo / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 2 and not any(k.startswith("sam.") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 3 and not any(k.startswith("sam.") for k in ckpt["state_dict"])
+    # The best-on-validation network is kept under its own name.
+    assert sorted(p.name for p in (no_pseudo / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(no_pseudo / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
     sam = torch.load(toy_runs / "runs" / "toy" / "sam_pretrain" / "sam.pt", weights_only=True)
     assert sam["num_classes"] == 19 and sam["use_conv"]
+
+
+def test_fit_refuses_an_earlier_runs_folder_but_resumes_it(
+    toy_runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = toy_runs / "runs" / "toy" / "no_pseudo"
+    before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    args = ["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, "--trainer.max_steps=3"]
+    with working_dir(toy_runs):
+        assert main(args) == 2
+    message = one_error(capsys, "uda-sam fit: error: this fit would mix its files with an earlier run's")
+    checkpoints = run.resolve() / "checkpoints"
+    assert f"{checkpoints} holds best.ckpt, last.ckpt" in message
+    assert "LastStepCheckpoint.dirpath, ModelCheckpoint.dirpath" in message
+    assert f"--ckpt_path {checkpoints / 'last.ckpt'}" in message
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before  # nothing written
+    # Resuming the run from its own checkpoint is fine (it is finished: nothing more is trained).
+    with working_dir(toy_runs):
+        assert main([*args, "--ckpt_path", "runs/toy/no_pseudo/checkpoints/last.ckpt"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    # The SAM file counts as the run's too.
+    sam = ["fit", "--config", str(TOY / "sam_pretrain.yaml"), *SMALL, *NO_LOGGER]
+    with working_dir(toy_runs):
+        assert main(sam) == 2
+    assert "sam_pretrain holds sam.pt" in one_error(capsys, "uda-sam fit: error: this fit would mix")
 
 
 def test_toy_validate_and_predict(toy_runs: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -190,29 +235,50 @@ def test_toy_stage2_ours(toy_runs: Path) -> None:
     assert list((run / "pseudo_labels").rglob("*.png"))
 
 
-def test_missing_dataset_root_fails_before_training(tmp_path: Path) -> None:
-    with working_dir(tmp_path), pytest.raises(FileNotFoundError, match="GTA5 root .*nowhere"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(TOY / "no_pseudo.yaml"),
-                *SMALL,
-                *NO_LOGGER,
-                "--data.source_root=nowhere/gta5",
-            ]
-        )
-    assert not (tmp_path / "runs" / "toy" / "no_pseudo" / "checkpoints").exists()
+def test_missing_dataset_root_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import wandb
+
+    wandb.finish()  # an earlier test's run would be taken over by the logger instead of a new one
+    # With the config's offline W&B logger: the failed start leaves no W&B run behind.
+    with working_dir(tmp_path):
+        assert main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source_root=nowhere/gta5"]) == 2
+    one_error(capsys, "uda-sam fit: error: GTA5 root nowhere/gta5 does not exist")
+    assert list((tmp_path / "runs").rglob("*")) == [tmp_path / "runs" / "toy", tmp_path / "runs" / "toy" / "no_pseudo"]
 
 
-def test_missing_sam_file_fails_before_training(tmp_path: Path) -> None:
-    args = ["--model.init_args.lambda_sa=0.1", "--model.init_args.sam_path=nowhere/sam.pt"]
-    # jsonargparse reports the task's FileNotFoundError inside its own ValueError; the message is kept.
-    with (
-        working_dir(tmp_path),
-        pytest.raises((FileNotFoundError, ValueError), match=r"sam_path: nowhere/sam\.pt does not exist"),
-    ):
-        main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, *args])
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("fit", ["--model.init_args.lambda_sa=-1"], "lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"),
+        ("validate", ["--model.init_args.lambda_sa=-1"], "lambda_sa must be >= 0"),
+        (
+            "fit",
+            ["--model.init_args.lambda_sa=0.1", "--model.init_args.sam_path=nowhere/sam.pt"],
+            "sam_path: nowhere/sam.pt does not exist",
+        ),
+    ],
+)
+def test_bad_config_gives_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, args: list[str], message: str
+) -> None:
+    with working_dir(tmp_path):
+        assert main([command, "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *NO_LOGGER, *args]) == 2
+    one_error(capsys, f"uda-sam {command}: error: {message}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wandb_disabled_wins_over_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    from uda_sam.cli import UDASamCLI
+
+    wandb.finish()  # an earlier test's run would be taken over by the logger instead of a new one
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with working_dir(tmp_path):
+        cli = UDASamCLI(args=["--config", str(TOY / "no_pseudo.yaml"), *SMALL], run=False)
+        cli.trainer.logger.experiment.log({"x": 1.0})
+    assert os.environ["WANDB_MODE"] == "disabled"
+    assert not list(tmp_path.rglob("wandb"))  # no offline run written
 
 
 def test_unknown_choice_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:

@@ -118,12 +118,10 @@ def test_paper_hyperparameters(path: Path) -> None:
 
     assert trainer["max_steps"] == 120000 and trainer["val_check_interval"] == 2000
     assert trainer["check_val_every_n_epoch"] is None
-    checkpoint = callbacks(config)["ModelCheckpoint"]
-    assert (
-        checkpoint["monitor"] == "val/mIoU"
-        and checkpoint["mode"] == "max"
-        and checkpoint["save_last"] is True
-    )
+    best, last = callbacks(config)["ModelCheckpoint"], callbacks(config)["LastStepCheckpoint"]
+    assert best["monitor"] == "val/mIoU" and best["mode"] == "max" and best["filename"] == "best"
+    assert best["save_last"] is False  # last.ckpt is LastStepCheckpoint's: a monitored one would lag
+    assert last["every_n_train_steps"] == 2000 and last["dirpath"] == best["dirpath"]
     assert data["source"] == source and data["batch_size"] == 1 and data["target_size"] == [1024, 512]
     assert data["source_size"] == ([1280, 720] if source == "gta5" else [1280, 760])
     assert model["val_class_subsets"] == (["19"] if source == "gta5" else ["16", "13"])
@@ -182,11 +180,7 @@ def test_stage2_inputs_come_from_earlier_stages(path: Path) -> None:
     config = load(path)
     siblings = [load(p) for p in path.parent.glob("*.yaml") if p.name != "pipeline.yaml"]
     exported = {c["model"]["init_args"].get("sam_export_path") for c in siblings}
-    last_checkpoints = {
-        f"{callbacks(c)['ModelCheckpoint']['dirpath']}/last.ckpt"
-        for c in siblings
-        if callbacks(c)["ModelCheckpoint"]["save_last"]
-    }
+    last_checkpoints = {f"{callbacks(c)['LastStepCheckpoint']['dirpath']}/last.ckpt" for c in siblings}
     model = config["model"]["init_args"]
     for key in ("sam_path", "feature_sam_path"):
         if model.get(key):
@@ -197,6 +191,7 @@ def test_stage2_inputs_come_from_earlier_stages(path: Path) -> None:
         assert regeneration["teacher_checkpoint"].endswith("no_pseudo/checkpoints/last.ckpt")
     run_dir = config["trainer"]["default_root_dir"]
     assert callbacks(config)["ModelCheckpoint"]["dirpath"] == f"{run_dir}/checkpoints"
+    assert callbacks(config)["LastStepCheckpoint"]["dirpath"] == f"{run_dir}/checkpoints"
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == run_dir
 
 

@@ -259,6 +259,32 @@ def test_cityscapes_list_file(tmp_path: Path) -> None:
     assert ds.names == ["bochum/bochum_000001_000019", "aachen/aachen_000000_000019"]
 
 
+def test_cityscapes_labels_of_another_size_are_named(tmp_path: Path) -> None:
+    """A val label of the wrong size would break the collate (or, one image a batch, be scored resized)."""
+    fake.write_fake_cityscapes(tmp_path / "cs")
+    label = tmp_path / "cs" / "gtFine" / "val" / "frankfurt" / "frankfurt_000001_000019_gtFine_labelIds.png"
+    Image.fromarray(np.full((16, 32), 7, np.uint8), mode="L").save(label)
+    for label_size in ("full", "resized"):
+        with pytest.raises(ValueError, match=rf"1 of 2 Cityscapes val gtFine labels .*{label} is 32x16, its image "
+                                             r"frankfurt_000001_000019_leftImg8bit\.png 64x32"):
+            Cityscapes(tmp_path / "cs", "val", size=(32, 16), label_size=label_size)
+    assert len(Cityscapes(tmp_path / "cs", "val", labels="none")) == 2
+
+    # Pseudo labels may be stored at the training size, not at another aspect ratio.
+    names = Cityscapes(tmp_path / "cs", labels="none").names
+    fake.write_pseudo_labels(tmp_path / "pl", names, size=(32, 16))
+    Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(tmp_path / "pl" / f"{names[1]}.png")
+    with pytest.raises(ValueError, match=rf"pseudo-label labels do not have the aspect ratio .*{names[1]}\.png is 16x16"):
+        Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
+
+
+def test_synthia_label_of_another_size_is_named(tmp_path: Path) -> None:
+    fake.write_fake_synthia(tmp_path, num_images=2)
+    fake.write_rgb(tmp_path / "RGB" / "0000001.png", fake.fake_image(32, 16, seed=0))
+    with pytest.raises(ValueError, match=r"1 of 2 SYNTHIA labels .*0000001\.png is 64x32, its image 0000001\.png 32x16"):
+        Synthia(tmp_path)
+
+
 @pytest.mark.parametrize("damage", [fake.corrupt, fake.truncate])
 def test_cityscapes_corrupt_image(tmp_path: Path, damage) -> None:
     fake.write_fake_cityscapes(tmp_path)

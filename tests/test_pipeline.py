@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from uda_sam.cli import main
-from uda_sam.pipeline import PipelineConfigError, load_pipeline_config
+from uda_sam.generation import state_dict_sha256
+from uda_sam.pipeline import PipelineConfigError, _claim_output_dir, load_pipeline_config
+from uda_sam.sam_io import network_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy"
@@ -31,7 +34,7 @@ def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
         "--data.source_size=[72,40]",
         "--data.target_size=[64,32]",
         "--data.batch_size=1",
-        "--trainer.max_steps=2",
+        "--trainer.max_steps=3",  # validated at step 2 only: last.ckpt must still hold step 3
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
@@ -50,13 +53,16 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
     seed = out / "seed_0"
     config = load_pipeline_config(path)
 
-    # Every stage's artefacts exist.
-    assert (seed / "no_pseudo" / "checkpoints" / "last.ckpt").is_file()
+    # Every stage's artefacts exist; last.ckpt holds the last step, best.ckpt the validated one.
+    stages = [seed / "no_pseudo", seed / "sam_pretraining"]
+    stages += [seed / s / f"generation_{g}" for s in ("pseudo_only", "ours_8_10") for g in (1, 2)]
+    for stage in stages:
+        assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+        assert torch.load(stage / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
     assert (seed / "sam_pretraining" / "sam.pt").is_file()
     for setting in ("pseudo_only", "ours_8_10"):
         for generation in (1, 2):
             stage = seed / setting / f"generation_{generation}"
-            assert (stage / "checkpoints" / "last.ckpt").is_file()
             labels = stage / "pseudo_labels" / f"generation_{generation}"
             assert (labels / "thresholds.json").is_file() and (labels / "statistics.json").is_file()
             assert len(list(labels.rglob("*.png"))) == 4
@@ -65,7 +71,9 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
 
     # Generation 2's labels come from generation 1's network.
     record = json.loads((seed / "pseudo_only" / "generation_2" / "pseudo_labels" / "generation_2" / "thresholds.json").read_text())
-    assert record["signature"]["teacher"] == str(seed / "pseudo_only" / "generation_1" / "checkpoints" / "last.ckpt")
+    teacher = seed / "pseudo_only" / "generation_1" / "checkpoints" / "last.ckpt"
+    assert record["description"]["teacher"] == str(teacher)
+    assert record["key"]["teacher_sha256"] == state_dict_sha256(network_state_dict(teacher))
 
     # The table parses: a row per setting, a column per generation, numbers in percent.
     table = (out / "results.md").read_text()
@@ -86,6 +94,23 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
     assert printed.count("[skip]") == 0 and capsys.readouterr().out.count("[skip]") == 6
 
 
+def test_stage_checkpoints_write_last_at_the_last_step(tmp_path: Path) -> None:
+    """A config with only a monitored checkpoint gets a LastStepCheckpoint; none writes a lagging last.ckpt."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from uda_sam.callbacks import LastStepCheckpoint
+    from uda_sam.pipeline import _route_checkpoints
+
+    best = ModelCheckpoint(monitor="val/mIoU", mode="max", save_last=True)
+    trainer = Trainer(callbacks=[best], val_check_interval=5, logger=False, enable_progress_bar=False)
+    _route_checkpoints(trainer, tmp_path / "checkpoints")
+    last = [c for c in trainer.callbacks if isinstance(c, LastStepCheckpoint)]
+    assert len(last) == 1 and trainer.callbacks[-1] is last[0]
+    assert last[0]._every_n_train_steps == 5 and best.save_last is False
+    assert best.dirpath == last[0].dirpath == str(tmp_path / "checkpoints")
+
+
 def test_refuses_a_folder_of_another_config(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -97,6 +122,34 @@ def test_refuses_a_folder_of_another_config(tmp_path: Path, toy_root: Path, caps
     (out / "stray.txt").write_text("x")
     assert main(["pipeline", "--config", str(path)]) == 2
     assert "was not made by" in capsys.readouterr().err
+
+
+def test_bad_stage_argument_gives_one_message(
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = pipeline_file(tmp_path, toy_root)
+    assert main(["pipeline", "--config", str(path), "--args", "--model.init_args.lambda_sa=-1"]) == 2
+    err = capsys.readouterr().err
+    message = "uda-sam pipeline: error: lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"
+    assert err.count("lambda_sa must be") == 1 and err.strip().splitlines()[-1] == message
+    assert "Traceback" not in err and "Namespace(" not in err
+
+
+def test_refusal_names_what_changed(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stage = tmp_path / "pseudo_only.yaml"
+    stage.write_text((TOY / "pseudo_only.yaml").read_text())
+    path = pipeline_file(tmp_path, toy_root)
+    config = yaml.safe_load(path.read_text())
+    config["settings"][0]["config"] = str(stage)
+    path.write_text(yaml.safe_dump(config))
+    _claim_output_dir(load_pipeline_config(path))  # what an earlier run recorded
+
+    stage.write_text(stage.read_text() + "# edited\n")
+    config["generations"] = 3
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {stage} content changed" in err and "generations: 2 -> 3" in err
 
 
 def test_refuses_inconsistent_stages(tmp_path: Path, toy_root: Path) -> None:

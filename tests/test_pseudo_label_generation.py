@@ -10,16 +10,22 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 import uda_sam.callbacks.pseudo_labels as callback_module
 import uda_sam.generation as generation_module
-from uda_sam.callbacks import PseudoLabelRegeneration
+from uda_sam.callbacks import LastStepCheckpoint, PseudoLabelRegeneration
 from uda_sam.generation import generate_pseudo_labels
 from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels
 from uda_sam.tasks import SelfTraining
+
+try:
+    from tests.conftest import TinySegNet
+except ImportError:  # tests/ itself is on sys.path (no tests/__init__.py)
+    from conftest import TinySegNet  # type: ignore[no-redef]
 
 
 def read_labels(folder: Path) -> dict[str, np.ndarray]:
@@ -88,23 +94,72 @@ def test_interrupted_generation_leaves_no_folder(
     assert [p.name for p in tmp_path.iterdir()] == ["gen1"]  # the stale temporary folder was cleaned up
 
 
-def test_finished_folder_is_reused_or_refused(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+def test_finished_folder_is_reused_only_when_made_the_same_way(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable
+) -> None:
     dataset = toy_datamodule().target_inference_dataset()
     out = tmp_path / "gen1"
-    generate_pseudo_labels(tiny_network(), dataset, out, signature={"teacher": "a"}, num_workers=0, progress=False)
-    again = generate_pseudo_labels(tiny_network(), dataset, out, signature={"teacher": "a"}, num_workers=0, progress=False)
-    assert again.reused
-    with pytest.raises(FileExistsError, match="another run"):
-        generate_pseudo_labels(tiny_network(), dataset, out, signature={"teacher": "b"}, num_workers=0, progress=False)
-    with pytest.raises(FileExistsError, match="refusing"):
-        generate_pseudo_labels(
-            tiny_network(), dataset, out, signature={"teacher": "a"}, num_workers=0, progress=False, reuse_existing=False
-        )
+
+    def generate(network: torch.nn.Module, data: Any = dataset, **kwargs: Any) -> Any:
+        return generate_pseudo_labels(network, data, out, num_workers=0, progress=False, **kwargs)
+
+    first = generate(tiny_network(seed=0), description={"teacher": "a"})
+    key = json.loads((out / "thresholds.json").read_text())["key"]
+    assert key["num_images"] == 4 and key["size"] == [64, 32] and key["normalization"] == "imagenet"
+    # The same weights (another description, another object): reused.
+    again = generate(tiny_network(seed=0), description={"teacher": "b"})
+    assert again.reused and not again.replaced
+
+    # Other weights: made again and replaced, saying why.
+    other = generate(tiny_network(seed=1))
+    assert not other.reused and other.replaced[0].startswith("teacher_sha256:")
+    assert json.loads((out / "thresholds.json").read_text())["key"]["teacher_sha256"] != key["teacher_sha256"]
+    assert other.thresholds != first.thresholds
+    # Another inference size: labels at the new size.
+    smaller = generate(tiny_network(seed=1), toy_datamodule(target_size=(32, 16)).target_inference_dataset())
+    assert [r.split(":")[0] for r in smaller.replaced] == ["size"]
+    assert {Image.open(p).size for p in out.rglob("*.png")} == {(32, 16)}
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "gen1"]  # no temporary or outdated folder left
+
+    # Asked to reuse: refused when made otherwise, naming what differs; or when there is nothing to reuse.
+    with pytest.raises(FileExistsError, match=r"differs in cap: 0\.9 there, 0\.8 now"):
+        generate(tiny_network(seed=1), toy_datamodule(target_size=(32, 16)).target_inference_dataset(), cap=0.8,
+                 reuse="require")
+    with pytest.raises(FileNotFoundError, match="no finished pseudo-label generation"):
+        generate_pseudo_labels(tiny_network(), dataset, tmp_path / "none", progress=False, reuse="require")
+    assert generate(tiny_network(seed=1), reuse="never").replaced  # made again although the size is all that differed
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "x.png").write_bytes(b"")
     with pytest.raises(FileExistsError, match="not a finished"):
         generate_pseudo_labels(tiny_network(), dataset, stray, num_workers=0, progress=False)
+
+
+def test_callback_regenerates_for_a_retrained_teacher_or_another_size(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable
+) -> None:
+    """A teacher retrained at the same path, or another target_size, gives new labels, not the old ones."""
+    teacher = tmp_path / "teacher.ckpt"
+    labels = tmp_path / "labels" / "generation_1"
+
+    def fit(teacher_seed: int, **data: Any) -> dict[str, np.ndarray]:
+        teacher_checkpoint(teacher, tiny_network(seed=teacher_seed))
+        callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(labels.parent), num_workers=0)
+        fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(**data), callback, max_steps=1)
+        return read_labels(labels)
+
+    first = fit(teacher_seed=5)
+    retrained = fit(teacher_seed=6)
+    expected = generate_pseudo_labels(
+        tiny_network(seed=6), toy_datamodule().target_inference_dataset(), tmp_path / "reference", num_workers=0,
+        progress=False,
+    )
+    assert retrained.keys() == first.keys()
+    assert any(not np.array_equal(first[n], retrained[n]) for n in first)
+    for name, label in read_labels(expected.label_dir).items():
+        np.testing.assert_array_equal(retrained[name], label)
+    resized = fit(teacher_seed=6, target_size=(32, 16))
+    assert {label.shape for label in resized.values()} == {(16, 32)}
 
 
 def test_bad_input(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
@@ -163,7 +218,7 @@ def test_callback_generations_and_resume(
     real_generate = callback_module.generate_pseudo_labels
 
     def counting_generate(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs["signature"]["generation"])
+        calls.append(kwargs["description"]["generation"])
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(callback_module, "generate_pseudo_labels", counting_generate)
@@ -199,12 +254,78 @@ def test_callback_generations_and_resume(
     assert trainer.global_step == 8
 
 
+class Killed(Exception):
+    """Stands for the run being killed."""
+
+
+class KillAt(Callback):
+    """Raises before the step after ``step``, whose checkpoint was written."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+class DropoutNet(TinySegNet):
+    """A tiny network that draws from the global random generator at every training step."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> Any:
+        features = F.dropout2d(self.backbone(x), 0.2, self.training)
+        logits = self.classifier(features)
+        return (logits, features) if return_features else logits
+
+
+def test_resume_from_last_checkpoint_is_exact(tmp_path: Path, toy_datamodule: Callable) -> None:
+    """Two generations in one fit, killed in generation 1 (mid-epoch), at its last step and in generation 2, each
+    time resumed from last.ckpt: the weights equal those of an uninterrupted run."""
+    teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", TinySegNet())
+
+    def fit(run: Path, kill_at: int | None = None) -> SelfTraining:
+        last = run / "checkpoints" / "last.ckpt"
+        callbacks = [
+            PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(run / "labels"),
+                                    num_generations=2, steps_per_generation=4, num_workers=0),
+            LastStepCheckpoint(dirpath=str(run / "checkpoints"), every_n_train_steps=1),
+            KillAt(kill_at),
+        ]
+        torch.manual_seed(0)
+        task = SelfTraining(network=DropoutNet(), lambda_sa=0.0, lr=1e-2)
+        trainer = Trainer(
+            accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=1,
+            default_root_dir=str(run), callbacks=callbacks,
+        )
+        # 4 images, batch 1, 2 steps an epoch: generation 1 is steps 1-4, generation 2 steps 5-8.
+        datamodule = toy_datamodule(steps_per_epoch=2)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        return task
+
+    uninterrupted = {k: v.clone() for k, v in fit(tmp_path / "a").network.state_dict().items()}
+    run = tmp_path / "b"
+    for step in (3, 4, 7):  # generation 1 mid-epoch; generation 1's last step (before generation 2); generation 2
+        with pytest.raises(Killed):
+            fit(run, kill_at=step)
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    resumed = fit(run)
+    assert resumed.trainer.global_step == 8 and resumed.schedule_origin == 4
+    weights = resumed.network.state_dict()
+    assert weights.keys() == uninterrupted.keys() and all(torch.equal(weights[k], uninterrupted[k]) for k in weights)
+    for generation in ("generation_1", "generation_2"):
+        a, b = read_labels(tmp_path / "a" / "labels" / generation), read_labels(run / "labels" / generation)
+        assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
 def test_callback_rejects_misaligned_generations(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
     teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
     callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
                                        num_generations=2, steps_per_generation=3, num_workers=0)
-    with pytest.raises(ValueError, match="steps_per_epoch"):
+    # 4 images, batch 1: epochs of 4 steps, which 3 is not a multiple of. Refused before any label is made.
+    with pytest.raises(ValueError, match=r"steps_per_generation=3 is not a multiple of the training epoch \(4 steps\)"):
         fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(), callback, max_steps=6)
+    assert not (tmp_path / "labels").exists()
 
 
 def test_callback_missing_teacher(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
@@ -261,3 +382,10 @@ def test_offline_pseudo_label_command(tmp_path: Path, toy_root: Path, capsys: py
     assert "Reused" in capsys.readouterr().out
     assert main([*args, "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    # Another teacher, with --reuse require: refused, naming what differs; by default: made again.
+    torch.manual_seed(1)
+    other = teacher_checkpoint(tmp_path / "other.ckpt", DeepLabV2(19, backbone="resnet18", freeze_bn=False))
+    assert main([*args, "--checkpoint", str(other), "--reuse", "require"]) == 2
+    assert "differs in teacher_sha256" in capsys.readouterr().err
+    assert main([*args, "--checkpoint", str(other)]) == 0
+    assert "Replaced the labels made otherwise" in capsys.readouterr().out

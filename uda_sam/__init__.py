@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         AttentionVisualization,
         DivergenceMonitor,
         EntropyAnalysisCallback,
+        LastStepCheckpoint,
         PredictionWriter,
         PseudoLabelRegeneration,
         SelfAttentionLoss,
@@ -104,6 +105,7 @@ _EXPORTS: dict[str, str] = {
     "EntropyAnalysisCallback": "uda_sam.callbacks",
     "AttentionVisualization": "uda_sam.callbacks",
     "DivergenceMonitor": "uda_sam.callbacks",
+    "LastStepCheckpoint": "uda_sam.callbacks",
 }
 
 __all__ = [
@@ -143,6 +145,7 @@ __all__ = [
     "EntropyAnalysisCallback",
     "AttentionVisualization",
     "DivergenceMonitor",
+    "LastStepCheckpoint",
 ]
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
 from uda_sam.metrics import confusion_from_labels, format_iou_table, iou_from_confusion, mean_iou
 
-__all__ = ["EvaluationError", "evaluate_folder", "main", "run_evaluate"]
+__all__ = ["EvaluationError", "evaluate_folder", "label_space_hint", "main", "run_evaluate"]
 
 GT_SUFFIX = "_gtFine_labelIds.png"
 MAX_LABEL_ID = 33  # largest Cityscapes labelId (bicycle); -1 (license plate) and 255 are void as well
@@ -212,6 +212,32 @@ def evaluate_folder(
     return result
 
 
+#: trainIds a labelId file cannot hold (its ids 0..6 are void ids, never predicted): road ... traffic light.
+_TRAIN_IDS_NOT_IN_LABEL_IDS = range(7)
+
+
+def label_space_hint(result: dict[str, Any], pred_format: Literal["labelIds", "trainIds"]) -> str | None:
+    """A hint when predictions scored as trainIds look like labelIds, else ``None``.
+
+    Official labelId files cannot hold the trainIds 0..6 (their ids 0..6 are void ids, never predicted), so
+    labelId files scored with ``--trainids`` predict none of them (and score about 0.1 mIoU).
+
+    Args:
+        result: What :func:`evaluate_folder` returned.
+        pred_format: The format the predictions were scored in.
+    """
+    predicted = torch.tensor(result["confusion"]).sum(dim=0)
+    if pred_format != "trainIds" or not int(predicted.sum()):
+        return None
+    if int(predicted[list(_TRAIN_IDS_NOT_IN_LABEL_IDS)].sum()) > 0:
+        return None
+    names = f"{CLASS_NAMES[0]} ... {CLASS_NAMES[6]}"
+    return (
+        f"no labelled pixel is predicted as trainIds 0..6 ({names}): these look like labelId files, which hold "
+        "no such ids. Score them without --trainids."
+    )
+
+
 def _json_ready(value: Any) -> Any:
     """Replace NaN by None (JSON has no NaN)."""
     if isinstance(value, float) and math.isnan(value):
@@ -255,6 +281,9 @@ def run_evaluate(
     for subset in CLASS_SUBSETS:
         print()
         print(format_iou_table(result["iou"], subset=subset))
+    hint = label_space_hint(result, "trainIds" if trainids else "labelIds")
+    if hint is not None:
+        print(f"\nHint: {hint}")
     if output_json is not None:
         output = Path(output_json)
         output.parent.mkdir(parents=True, exist_ok=True)

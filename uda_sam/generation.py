@@ -15,22 +15,28 @@ A pixel keeps its class when its confidence bin is at or above the bin of ``tau[
 (see :class:`~uda_sam.pseudo_labels.ClasswiseThresholdEstimator`), this is exactly ``conf >= tau``.
 
 Output, ``{output_dir}/{folder}/``: one uint8 trainId PNG per image at ``{name}.png`` (``255`` = no label),
-``thresholds.json`` (thresholds and the run's signature) and ``statistics.json`` (per-class share of pixels labelled
-and agreement with the ground truth where it exists, a diagnostic that training never reads). Everything is written
-to a hidden temporary folder that is renamed into place when complete, so a folder is whole or absent.
+``thresholds.json`` (thresholds, the key of what made the labels and a description of the run) and ``statistics.json``
+(per-class share of pixels labelled and agreement with the ground truth where it exists, a diagnostic that training
+never reads). Everything is written to a hidden temporary folder that is renamed into place when complete, so a
+folder is whole or absent.
+
+A finished folder is reused only when its recorded key, everything that determines the labels (a hash of the
+teacher's weights, the target image list, the inference size and normalisation, the autocast type, the class count,
+the cap and the bins; see :func:`labels_key`), equals this run's; otherwise it is made again and replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,10 +49,19 @@ from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, PseudoLabelStatis
 __all__ = [
     "GenerationResult",
     "ProcessGroup",
+    "ReuseMode",
     "autocast_dtype_for",
     "generate_pseudo_labels",
+    "labels_key",
+    "network_sha256",
     "read_finished_generation",
+    "state_dict_sha256",
 ]
+
+#: ``"matching"``: reuse a finished folder whose key equals this run's, else make the labels again and replace it;
+#: ``"require"``: reuse it, and refuse (naming what differs) when it is absent or its key differs;
+#: ``"never"``: always make the labels again.
+ReuseMode = Literal["matching", "require", "never"]
 
 THRESHOLDS_FILE = "thresholds.json"
 #: Threads that write cache files and encode label PNGs (zlib releases the GIL) while the network runs.
@@ -104,12 +119,21 @@ class ProcessGroup:
 
 @dataclass
 class GenerationResult:
-    """A finished generation folder and what it holds."""
+    """A finished generation folder and what it holds.
+
+    Attributes:
+        label_dir: The folder.
+        thresholds: Class-wise thresholds.
+        statistics: The content of ``statistics.json``.
+        reused: The folder was finished before this call and reused.
+        replaced: Why a finished folder that was there was made again (one line per differing key entry).
+    """
 
     label_dir: Path
     thresholds: list[float]
     statistics: dict[str, Any]
     reused: bool = False
+    replaced: list[str] = field(default_factory=list)
 
 
 def read_finished_generation(label_dir: str | os.PathLike[str]) -> GenerationResult | None:
@@ -124,7 +148,68 @@ def read_finished_generation(label_dir: str | os.PathLike[str]) -> GenerationRes
     return GenerationResult(label_dir, list(record["thresholds"].values()), statistics, reused=True)
 
 
-def _check_reusable(label_dir: Path, signature: dict[str, Any], reuse: bool) -> GenerationResult | None:
+def network_sha256(network: nn.Module) -> str:
+    """SHA-256 of a network's parameters and buffers (names, types, shapes and values), whatever its device."""
+    return state_dict_sha256(network.state_dict())
+
+
+def state_dict_sha256(state_dict: Mapping[str, Tensor]) -> str:
+    """SHA-256 of a state dict, in its order: equal to :func:`network_sha256` of a network holding it."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def labels_key(
+    network: nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    cap: float,
+    num_bins: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Everything that determines a generation's labels, as recorded in its ``thresholds.json``.
+
+    The image list, size and normalisation are read from the dataset's ``names``, ``size`` and ``normalization``
+    (the package's readers have them; ``None`` where a dataset lacks one).
+    """
+    names = getattr(dataset, "names", None)
+    size = getattr(dataset, "size", None)
+    return {
+        "teacher_sha256": network_sha256(network),
+        "num_images": len(dataset),  # type: ignore[arg-type]
+        "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest() if names is not None else None,
+        "size": list(size) if size is not None else None,
+        "normalization": getattr(dataset, "normalization", None),
+        "autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype is not None else None,
+        "num_classes": num_classes,
+        "cap": cap,
+        "num_bins": num_bins,
+    }
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text[:13] + '..."' if len(text) > 16 and text.startswith('"') else text
+
+
+def _differences(recorded: dict[str, Any], key: dict[str, Any]) -> list[str]:
+    names = sorted(set(recorded) | set(key))
+    return [
+        f"{name}: {_short(recorded.get(name))} there, {_short(key.get(name))} now"
+        for name in names
+        if recorded.get(name) != key.get(name)
+    ]
+
+
+def _check_reusable(
+    label_dir: Path, key: dict[str, Any], reuse: ReuseMode
+) -> tuple[GenerationResult | None, list[str]]:
+    """The finished generation to reuse (or ``None``) and, when one is there but made otherwise, what differs."""
     finished = read_finished_generation(label_dir)
     if finished is None:
         if label_dir.exists() and any(label_dir.iterdir()):
@@ -132,20 +217,19 @@ def _check_reusable(label_dir: Path, signature: dict[str, Any], reuse: bool) -> 
                 f"{label_dir} exists but holds no {THRESHOLDS_FILE}: it is not a finished pseudo-label generation. "
                 "Remove it or choose another output folder."
             )
-        return None
-    recorded = json.loads((label_dir / THRESHOLDS_FILE).read_text()).get("signature", {})
-    if not reuse:
+        if reuse == "require":
+            raise FileNotFoundError(f"{label_dir} holds no finished pseudo-label generation to reuse")
+        return None, []
+    recorded = json.loads((label_dir / THRESHOLDS_FILE).read_text()).get("key", {})
+    differences = _differences(recorded, key)
+    if reuse == "require" and differences:
         raise FileExistsError(
-            f"{label_dir} already holds a finished pseudo-label generation; refusing to overwrite it."
+            f"{label_dir} holds pseudo labels made otherwise than this run would make them; "
+            f"differs in {'; '.join(differences)}"
         )
-    if recorded != signature:
-        differing = sorted(k for k in set(recorded) | set(signature) if recorded.get(k) != signature.get(k))
-        raise FileExistsError(
-            f"{label_dir} holds a pseudo-label generation made by another run (differs in {differing}: "
-            f"found {[recorded.get(k) for k in differing]}, this run {[signature.get(k) for k in differing]}). "
-            "Remove the folder or choose another output folder."
-        )
-    return finished
+    if reuse == "never":
+        return None, differences or ["regeneration requested"]
+    return (None, differences) if differences else (finished, [])
 
 
 def autocast_dtype_for(precision: str | int) -> torch.dtype | None:
@@ -170,7 +254,7 @@ def generate_pseudo_labels(
     dataset: Dataset,
     label_dir: str | os.PathLike[str],
     *,
-    signature: dict[str, Any] | None = None,
+    description: dict[str, Any] | None = None,
     num_classes: int = 19,
     cap: float = 0.9,
     num_bins: int = 1000,
@@ -179,7 +263,7 @@ def generate_pseudo_labels(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     group: ProcessGroup | None = None,
-    reuse_existing: bool = True,
+    reuse: ReuseMode = "matching",
     progress: bool = True,
 ) -> GenerationResult:
     """Make one generation of pseudo labels for every image of ``dataset`` into ``label_dir``.
@@ -190,8 +274,8 @@ def generate_pseudo_labels(
         dataset: Target training images without augmentation; samples ``{"image", "mask", "name"}``. Labels are
             written at the size of ``mask`` (all-255 masks are fine: they only disable the agreement statistics).
         label_dir: The generation's folder; created atomically.
-        signature: JSON-serialisable description of the run (teacher, generation, ...); a finished folder is reused
-            only when its recorded signature is equal.
+        description: JSON-serialisable description of the run (teacher, generation, ...), recorded for people;
+            reuse compares :func:`labels_key` only.
         num_classes: Classes predicted by ``network``.
         cap: Upper bound of the thresholds (0.9 in the paper).
         num_bins: Histogram bins (bin width ``1 / num_bins``).
@@ -200,7 +284,7 @@ def generate_pseudo_labels(
         device: Where the network runs.
         autocast_dtype: ``torch.bfloat16`` (or ``float16``) for mixed-precision inference; softmax runs in fp32.
         group: The processes sharing the work; ``None`` means a single process.
-        reuse_existing: Reuse a finished folder whose signature matches (else refuse to touch it).
+        reuse: What to do with a finished folder already at ``label_dir`` (see :data:`ReuseMode`).
         progress: Show a progress bar on rank 0.
 
     Returns:
@@ -208,13 +292,13 @@ def generate_pseudo_labels(
 
     Raises:
         ValueError: If the dataset is empty or the network predicts another number of classes.
-        FileExistsError: If ``label_dir`` holds something that is not this run's finished generation.
+        FileExistsError: If ``label_dir`` holds something that is not a finished generation, or (``reuse="require"``)
+            one made otherwise.
+        FileNotFoundError: With ``reuse="require"``, if ``label_dir`` holds no finished generation.
     """
     group = group or ProcessGroup()
     device = torch.device(device)
     label_dir = Path(label_dir)
-    signature = dict(signature or {})
-    signature.update(num_images=len(dataset), cap=cap, num_bins=num_bins)
     if len(dataset) == 0:
         raise ValueError("the target dataset for pseudo labels holds no images")
     if not 1 <= num_bins <= MAX_BINS:
@@ -226,7 +310,10 @@ def generate_pseudo_labels(
             f"cap * num_bins must be an integer so that the cap is a bin edge, got {cap} * {num_bins}"
         )
 
-    finished = _check_reusable(label_dir, signature, reuse_existing)
+    key = labels_key(
+        network, dataset, num_classes=num_classes, cap=cap, num_bins=num_bins, autocast_dtype=autocast_dtype
+    )
+    finished, replaced = _check_reusable(label_dir, key, reuse)
     group.barrier()
     if finished is not None:
         return finished
@@ -267,7 +354,8 @@ def generate_pseudo_labels(
         "thresholds": {
             name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist(), strict=True)
         },
-        "signature": signature,
+        "key": key,
+        "description": dict(description or {}),
         "num_processes": group.world_size,
     }
     if group.rank == 0:
@@ -275,12 +363,22 @@ def generate_pseudo_labels(
         (tmp_dir / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2))
         # thresholds.json is the completion marker: written last, inside the folder that is then renamed.
         (tmp_dir / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2))
-        label_dir.parent.mkdir(parents=True, exist_ok=True)
-        if label_dir.exists():  # an empty folder left by the user
-            label_dir.rmdir()
-        os.replace(tmp_dir, label_dir)
+        _move_into_place(tmp_dir, label_dir)
     group.barrier()
-    return GenerationResult(label_dir, thresholds.tolist(), statistics)
+    return GenerationResult(label_dir, thresholds.tolist(), statistics, replaced=replaced)
+
+
+def _move_into_place(tmp_dir: Path, label_dir: Path) -> None:
+    """Rename the finished ``tmp_dir`` to ``label_dir``, replacing what is there (an empty or outdated folder)."""
+    label_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not label_dir.exists():
+        os.replace(tmp_dir, label_dir)
+        return
+    outdated = label_dir.parent / f".{label_dir.name}.outdated"
+    shutil.rmtree(outdated, ignore_errors=True)
+    os.replace(label_dir, outdated)  # a kill from here to the next line leaves no folder, never a mixed one
+    os.replace(tmp_dir, label_dir)
+    shutil.rmtree(outdated)
 
 
 def _infer_and_cache(
@@ -305,6 +403,8 @@ def _infer_and_cache(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        # A generator of its own leaves the global random state to training (an exact resume).
+        generator=torch.Generator().manual_seed(0),
     )
     estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
     cached: list[tuple[Path, str]] = []

@@ -235,6 +235,33 @@ def _owner_record(config: PipelineConfig) -> dict[str, Any]:
     return record
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _record_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Each entry that differs between two owner records, as ``where: old -> new`` (a config file: its content)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            if where == "config_sha256":
+                if old.get(key) != new.get(key):
+                    state = "is new" if key not in old else "is gone" if key not in new else "content changed"
+                    out.append(f"config file {key} {state}")
+                continue
+            out += _record_differences(old.get(key), new.get(key), path)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for d in _record_differences(a, b, f"{where}[{i}]")
+        ]
+    return [] if old == new else [f"{where}: {_short(old)} -> {_short(new)}"]
+
+
 def _claim_output_dir(config: PipelineConfig) -> Path:
     out = Path(config.output_dir)
     owner_file = out / OWNER_FILE
@@ -242,9 +269,12 @@ def _claim_output_dir(config: PipelineConfig) -> Path:
     if owner_file.is_file():
         previous = json.loads(owner_file.read_text())
         if previous.get("record") != record:
+            changes = _record_differences(previous.get("record", {}), record)
+            listed = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
             raise PipelineConfigError(
-                f"{out} holds the results of another pipeline configuration (made from {previous.get('source_file')}); "
-                f"use another output_dir for {config.source_file}, or delete {out} to start over"
+                f"{out} holds the results of another pipeline configuration (made from {previous.get('source_file')}; "
+                f"what changed: {listed}); use another output_dir for {config.source_file}, or delete {out} to "
+                "start over"
             )
     elif out.exists() and any(out.iterdir()):
         raise PipelineConfigError(
@@ -306,8 +336,6 @@ def run_stage(
         print(f"  [skip] {name}: finished earlier ({result_file})", flush=True)
         return StageResult(**json.loads(result_file.read_text()))
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
     from uda_sam.cli import UDASamCLI
 
@@ -331,12 +359,8 @@ def run_stage(
         sys.argv = argv
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
 
-    has_checkpointing = False
+    _route_checkpoints(trainer, checkpoint_dir)
     for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            callback.dirpath = str(checkpoint_dir)
-            callback.save_last = True
-            has_checkpointing = True
         if isinstance(callback, PseudoLabelRegeneration):
             if teacher is None:
                 raise PipelineConfigError(
@@ -346,16 +370,13 @@ def run_stage(
             callback.output_dir = stage_dir / "pseudo_labels"
             callback.first_generation = generation
             callback.num_generations = 1
-    if not has_checkpointing:
-        raise PipelineConfigError(
-            f"stage {name!r}: its config has no ModelCheckpoint callback; add one with save_last: true"
-        )
 
     last = checkpoint_dir / "last.ckpt"
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     if not last.is_file():
         raise RuntimeError(f"stage {name!r} finished without writing {last}")
-    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    # The network scored is the file handed on as the next generation's teacher: the last step's.
+    metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)[0]
 
     sam_file = model.resolve_export_path() if hasattr(model, "resolve_export_path") else None
     label_dir = next(
@@ -375,6 +396,30 @@ def run_stage(
     del cli, trainer, model, datamodule
     gc.collect()
     return result
+
+
+def _route_checkpoints(trainer: Any, checkpoint_dir: Path) -> None:
+    """Write every checkpoint of a stage into ``checkpoint_dir``, with ``last.ckpt`` at the stage's last step.
+
+    ``last.ckpt`` is written by a :class:`~uda_sam.callbacks.LastStepCheckpoint` (added when the config has none);
+    other checkpoints keep their own names and no longer write a ``last.ckpt`` of their own, which would lag
+    behind (Lightning's ``save_last`` with ``monitor`` writes it only when the monitored score improves).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from uda_sam.callbacks import LastStepCheckpoint
+
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    if not any(isinstance(c, LastStepCheckpoint) for c in checkpoints):
+        interval = trainer.val_check_interval
+        every = interval if isinstance(interval, int) else None
+        added = LastStepCheckpoint(every_n_train_steps=every)
+        trainer.callbacks.append(added)  # after every other callback, as Lightning orders checkpoints
+        checkpoints.append(added)
+    for callback in checkpoints:
+        callback.dirpath = str(checkpoint_dir)
+        if not isinstance(callback, LastStepCheckpoint):
+            callback.save_last = False
 
 
 def _finish_loggers(trainer: Any) -> None:

@@ -73,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="inference precision")
+    parser.add_argument(
+        "--reuse",
+        choices=["matching", "require", "never"],
+        default="matching",
+        help="labels already in --output: reuse them when made by the same weights from the same images, size, "
+        "normalisation, cap and bins, else make them again (matching, the default); reuse them or stop, naming "
+        "what differs (require); always make them again (never)",
+    )
     options = parser.parse_args(argv)
 
     from uda_sam.generation import ProcessGroup, autocast_dtype_for, generate_pseudo_labels
@@ -91,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             network.to(device),
             dataset,
             options.output,
-            signature={"teacher": str(Path(options.checkpoint).resolve())},
+            description={"teacher": str(Path(options.checkpoint).resolve())},
             num_classes=getattr(network, "num_classes", 19),
             cap=options.cap,
             num_bins=options.num_bins,
@@ -100,11 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=device,
             autocast_dtype=autocast_dtype_for(options.precision),
             group=ProcessGroup.from_torch_distributed(device),
+            reuse=options.reuse,
         )
-    except (FileExistsError, ValueError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     share = result.statistics.get("labelled_share", float("nan"))
+    if result.replaced:
+        print(f"Replaced the labels made otherwise in {result.label_dir}: {'; '.join(result.replaced)}")
     print(
         f"{'Reused' if result.reused else 'Wrote'} {len(dataset)} pseudo-label maps in {result.label_dir} ({share:.1%} of pixels labelled)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from uda_sam.callbacks.attention import AttentionVisualization
+from uda_sam.callbacks.checkpoint import LastStepCheckpoint
 from uda_sam.callbacks.divergence import DivergenceError, DivergenceMonitor
 from uda_sam.callbacks.entropy import EntropyAnalysisCallback
 from uda_sam.callbacks.prediction_writer import PredictionWriter
@@ -14,6 +15,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceMonitor",
     "EntropyAnalysisCallback",
+    "LastStepCheckpoint",
     "PredictionWriter",
     "PseudoLabelRegeneration",
     "SelfAttentionLoss",

@@ -36,8 +36,10 @@ class PseudoLabelRegeneration(Callback):
 
     Generation boundaries fall every ``steps_per_generation`` optimiser steps and are applied at the end of a
     training epoch, so that the next epoch's data loader reads the new labels; with several generations in one
-    fit, set the datamodule's ``steps_per_epoch`` so that it divides ``steps_per_generation``. Resuming from a
-    checkpoint restores the generation index and label folder: labels are not regenerated.
+    fit, set the datamodule's ``steps_per_epoch`` so that it divides ``steps_per_generation`` (checked before
+    generation 1's labels are made). Resuming from a checkpoint restores the generation index and label folder:
+    labels are not regenerated; a checkpoint written at a generation's last step, before the epoch end that
+    starts the next one, starts it when the resumed fit begins, as the uninterrupted fit did.
 
     Args:
         teacher_checkpoint: Lightning checkpoint whose network makes generation 1's labels (for a DeepLabV2 also
@@ -51,7 +53,9 @@ class PseudoLabelRegeneration(Callback):
         reinitialize: Restart the student network, optimiser and schedule at each new generation.
         batch_size: Images per inference batch.
         num_workers: Data-loading workers for inference.
-        reuse_existing: Reuse a finished generation folder whose recorded run signature matches this run's.
+        reuse_existing: Reuse a finished generation folder made by the same teacher weights from the same target
+            images, size, normalisation, cap and bins (a resumed run); any other folder is made again. ``False``
+            always makes the labels again.
         first_generation: Index of this fit's first generation, when generations run as separate fits (generation
             ``k`` of such a protocol is a fit with ``first_generation=k`` whose teacher is generation ``k - 1``).
     """
@@ -114,9 +118,22 @@ class PseudoLabelRegeneration(Callback):
             if trainer.max_steps is None or trainer.max_steps < 1:
                 raise ValueError("PseudoLabelRegeneration: set trainer.max_steps or steps_per_generation")
             self.steps_per_generation = max(1, trainer.max_steps // self.num_generations)
+        epoch_length = getattr(datamodule, "train_epoch_length", None)
+        if callable(epoch_length):  # known now: fail before generation 1's labels are made
+            self._check_epoch_length(epoch_length())
         # Each generation runs its own learning-rate schedule over its own steps.
         if self.num_generations > 1 and getattr(pl_module, "schedule_steps", 0) is None:
             pl_module.schedule_steps = self.steps_per_generation
+
+    def _check_epoch_length(self, epoch_length: float) -> None:
+        steps = self.steps_per_generation
+        assert steps is not None
+        if self.num_generations > 1 and epoch_length != float("inf") and steps % int(epoch_length) != 0:
+            raise ValueError(
+                f"PseudoLabelRegeneration: steps_per_generation={steps} is not a multiple of the training epoch "
+                f"({int(epoch_length)} steps); set the datamodule's steps_per_epoch to a divisor of it so that each "
+                "generation starts with a fresh data loader"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a checkpoint's callback state is restored and before the train loader is built.
@@ -139,19 +156,22 @@ class PseudoLabelRegeneration(Callback):
         del teacher
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch_length = trainer.num_training_batches
-        steps = self.steps_per_generation
-        if self.num_generations > 1 and epoch_length != float("inf") and steps % int(epoch_length) != 0:
-            raise ValueError(
-                f"PseudoLabelRegeneration: steps_per_generation={steps} is not a multiple of the training epoch "
-                f"({int(epoch_length)} steps); set the datamodule's steps_per_epoch to a divisor of it so that each "
-                "generation starts with a fresh data loader"
-            )
+        self._check_epoch_length(trainer.num_training_batches)
+        # A checkpoint written at a generation's last step, before its epoch ended (every_n_train_steps, or after
+        # validation), resumes past the epoch end that starts the next generation: start it now.
+        if self._next_generation_due(trainer):
+            self._start_next_generation(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._next_generation_due(trainer):
+            self._start_next_generation(trainer, pl_module)
+
+    def _next_generation_due(self, trainer: pl.Trainer) -> bool:
+        assert self.steps_per_generation is not None
         boundary = self.generation * self.steps_per_generation
-        if self.generation >= self.num_generations or trainer.global_step < boundary:
-            return
+        return 0 < self.generation < self.num_generations and trainer.global_step >= boundary
+
+    def _start_next_generation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         next_generation = self.generation + 1
         self._run_generation(
             trainer,
@@ -200,7 +220,7 @@ class PseudoLabelRegeneration(Callback):
             network,
             dataset,
             label_dir,
-            signature={"generation": index, "teacher": teacher},
+            description={"generation": index, "teacher": teacher},
             num_classes=getattr(network, "num_classes", 19),
             cap=self.cap,
             num_bins=self.num_bins,
@@ -209,7 +229,7 @@ class PseudoLabelRegeneration(Callback):
             device=pl_module.device,
             autocast_dtype=autocast_dtype_for(trainer.precision),
             group=group,
-            reuse_existing=self.reuse_existing,
+            reuse="matching" if self.reuse_existing else "never",
             progress=trainer.progress_bar_callback is not None,
         )
         self.generation = generation
@@ -224,6 +244,11 @@ class PseudoLabelRegeneration(Callback):
         share = stats.get("labelled_share")
         precision = stats.get("precision")
         reused = " (reused)" if result.reused else ""
+        if result.replaced:
+            rank_zero_info(
+                f"Pseudo labels, generation {generation}: replaced the labels made otherwise in {result.label_dir} "
+                f"({'; '.join(result.replaced)})"
+            )
         rank_zero_info(
             f"Pseudo labels, generation {generation}{reused}: {share:.1%} of pixels labelled"
             + (f", {precision:.1%} agree with the ground truth" if precision is not None else "")

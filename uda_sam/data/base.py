@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from uda_sam.data.io import image_size
 from uda_sam.data.transforms import Normalization, SegmentationTransform
 
 
@@ -127,6 +128,38 @@ def paired_samples(
             f"{summarize(unlabeled)}; expected layout: {layout}"
         )
     return samples
+
+
+def _same_aspect(label: tuple[int, int], image: tuple[int, int]) -> bool:
+    # Within the rounding of a resize: w / h == W / H up to about one pixel.
+    return abs(label[0] * image[1] - label[1] * image[0]) < max(image)
+
+
+def check_label_sizes(samples: Sequence[SampleFiles], what: str, scaled: bool = False) -> None:
+    """Check, from the file headers only, that every label has its image's size (or aspect ratio, ``scaled``).
+
+    A label of another size would either break the batch collation or be scored against a resized prediction;
+    pseudo labels (``scaled=True``) may be stored at the training size. Files whose header cannot be read are
+    left to the readers, which name them.
+
+    Raises:
+        ValueError: naming how many labels, and which, do not fit their images.
+    """
+    bad = []
+    for sample in samples:
+        if sample.label is None:
+            continue
+        label, image = image_size(sample.label), image_size(sample.image)
+        if label is None or image is None or label == image or (scaled and _same_aspect(label, image)):
+            continue
+        bad.append(
+            f"{sample.label} is {label[0]}x{label[1]}, its image {sample.image.name} {image[0]}x{image[1]}"
+        )
+    if bad:
+        expected = "the aspect ratio of their image" if scaled else "the size of their image"
+        raise ValueError(
+            f"{len(bad)} of {len(samples)} {what} labels do not have {expected}: {summarize(bad, limit=3)}"
+        )
 
 
 def check_limit(limit: int | None, name: str = "limit") -> int | None:

@@ -8,7 +8,14 @@ from typing import Literal
 
 import numpy as np
 
-from uda_sam.data.base import SampleFiles, SegmentationDataset, paired_samples, require_dir, select_names
+from uda_sam.data.base import (
+    SampleFiles,
+    SegmentationDataset,
+    check_label_sizes,
+    paired_samples,
+    require_dir,
+    select_names,
+)
 from uda_sam.data.io import read_label_uint8, read_rgb
 from uda_sam.data.labels import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
 from uda_sam.data.transforms import Normalization
@@ -56,7 +63,8 @@ class Cityscapes(SegmentationDataset):
 
     Raises:
         FileNotFoundError: missing root/sub-folders, no images, images without their label or pseudo-label file.
-        ValueError: invalid arguments.
+        ValueError: invalid arguments; ground-truth labels not of their image's size, or pseudo labels not of its
+            aspect ratio (read from the file headers).
     """
 
     def __init__(
@@ -126,6 +134,8 @@ class Cityscapes(SegmentationDataset):
                 SampleFiles(n, images[n], file if file is not None and file.is_file() else None)
                 for n, file in zip(names, label_files, strict=True)
             ]
+        pseudo = self.pseudo_label_root is not None
+        check_label_sizes(self.samples, f"{what} {'pseudo-label' if pseudo else 'gtFine'}", scaled=pseudo)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask (all 255 when the sample has no label)."""
@@ -135,6 +145,11 @@ class Cityscapes(SegmentationDataset):
             return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         label = read_label_uint8(sample.label)
         if self.pseudo_label_root is None:
+            if label.shape != image.shape[:2]:  # changed since the dataset was built
+                raise ValueError(
+                    f"label {sample.label} is {label.shape[1]}x{label.shape[0]} but its image {sample.image} is "
+                    f"{image.shape[1]}x{image.shape[0]}"
+                )
             return image, LABEL_ID_TO_TRAIN_ID[label]
         invalid = (label >= NUM_CLASSES) & (label != IGNORE_INDEX)
         if invalid.any():

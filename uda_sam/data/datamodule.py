@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from uda_sam.data.base import check_limit
 from uda_sam.data.cityscapes import Cityscapes
@@ -19,38 +20,88 @@ from uda_sam.data.synthia import Synthia
 from uda_sam.data.transforms import check_normalization, check_scale, check_size
 
 
-class EpochSampler(Sampler[int]):
-    """``num_samples`` indices per epoch: reshuffled passes over a dataset of ``size`` items, cycling as needed.
+class EpochSampler(DistributedSampler):
+    """This process's share of ``num_samples`` indices an epoch: reshuffled passes over ``size`` items, cycling as needed.
 
-    The order depends only on ``seed`` and how many epochs were drawn, so every DDP rank draws the same sequence
-    (Lightning's ``DistributedSamplerWrapper`` then gives each rank its share).
+    The order of an epoch depends only on ``seed`` and the epoch number (:meth:`set_epoch`, which Lightning calls at
+    every epoch start), so every process draws the same sequence and keeps every ``num_replicas``-th index from
+    ``rank`` on. Being a ``DistributedSampler``, it is not wrapped again by Lightning under DDP. ``start`` skips the
+    first indices of this process's next pass only: a run resumed mid-epoch continues where it stopped.
+
+    Args:
+        size: Items in the dataset.
+        num_samples: Indices an epoch over all processes (a multiple of ``num_replicas``).
+        seed: Base seed of the orders.
+        epoch: The epoch of the first pass.
+        num_replicas: Processes sharing the epoch.
+        rank: This process's index.
     """
 
-    def __init__(self, size: int, num_samples: int, seed: int = 0) -> None:
+    def __init__(
+        self, size: int, num_samples: int, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.size = size
-        self.num_samples = num_samples
-        self.seed = seed
-        self._epochs_drawn = 0
+        self.num_samples = num_samples // num_replicas
+        self.total_size = self.num_samples * num_replicas
+        self.epoch = epoch
+        self.start = 0
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self._epochs_drawn)
-        self._epochs_drawn += 1
-        passes = -(-self.num_samples // self.size)
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        passes = -(-self.total_size // self.size)
         order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
-        return iter(order[: self.num_samples].tolist())
+        mine = order[: self.total_size][self.rank :: self.num_replicas].tolist()
+        start, self.start = self.start, 0
+        return iter(mine[start:])
+
+
+class EpochLoader(DataLoader):
+    """A training ``DataLoader`` over an :class:`EpochSampler` that Lightning resumes where it stopped.
+
+    Its state (saved in Lightning checkpoints) is the epoch and how many of its batches were given;
+    :meth:`load_state_dict`, which Lightning calls on the new loader of a resumed run before iterating, makes the
+    next pass start with the batch after them, so the resumed steps see the batches an uninterrupted run would.
+    """
+
+    sampler: EpochSampler
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self.batches_given = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.batches_given = self.sampler.start // self.batch_size  # type: ignore[operator]
+        for batch in super().__iter__():
+            self.batches_given += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the batches of it given so far."""
+        return {"epoch": int(self.sampler.epoch), "batches": int(self.batches_given)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue after the batches recorded by :meth:`state_dict` (at the next epoch after a full one)."""
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = batches * self.batch_size  # type: ignore[operator]
 
 
 class UDADataModule(LightningDataModule):
     """Source images with labels + Cityscapes train images (unlabelled or pseudo-labelled); Cityscapes val for eval.
 
-    Training batches are ``{"source": {"image", "mask", "name"}, "target": {"image", "mask", "name"}}`` from a
-    ``CombinedLoader`` in ``"max_size_cycle"`` mode: one epoch is as long as the longer domain and the shorter
-    one cycles, both reshuffled each epoch, ``batch_size`` images per domain. Training is iteration-based: set
-    ``trainer.max_steps`` (epochs simply continue). Under DDP, Lightning replaces each domain's sampler with a
-    ``DistributedSampler`` (``use_distributed_sampler=True``, the default), so every rank sees its own shard.
+    Training batches are ``{"source": {"image", "mask", "name"}, "target": {"image", "mask", "name"}}``,
+    ``batch_size`` images per domain: one epoch is ``steps_per_epoch`` steps (default: as many as the larger
+    domain fills), and each domain draws that many batches, reshuffled every epoch and cycling through its set
+    (:class:`EpochSampler`). Training is iteration-based: set ``trainer.max_steps`` (epochs simply continue).
+    Under DDP every process takes its own share of each epoch. The orders depend only on the seed and the epoch,
+    and the loaders record their position in checkpoints, so a run resumed from any checkpoint sees the batches an
+    uninterrupted run would (:class:`EpochLoader`); no loader draws from the global random generator.
 
     Target training masks are the pseudo labels of ``pseudo_label_root`` when set, else all 255. Validation runs on
     Cityscapes val (image at ``target_size``; mask at full resolution when ``val_label_size="full"``), test on
@@ -90,7 +141,8 @@ class UDADataModule(LightningDataModule):
             setting was chosen on).
         steps_per_epoch: if set, every training epoch is exactly this many steps (each domain draws
             ``steps_per_epoch x batch_size`` images per process, reshuffled, cycling through its set), so that
-            generation boundaries of :class:`~uda_sam.callbacks.PseudoLabelRegeneration` can fall on epoch ends.
+            generation boundaries of :class:`~uda_sam.callbacks.PseudoLabelRegeneration` can fall on epoch ends;
+            ``None``: the larger domain's images // (``batch_size`` x processes).
         predict_root: ``uda-sam predict`` reads every PNG/JPEG image below this folder (any tree of sub-folders;
             see :class:`~uda_sam.data.image_folder.ImageFolder`: image at ``target_size``, predictions at each
             image's own resolution, one image per batch) instead of Cityscapes val; ``None`` = Cityscapes val.
@@ -173,6 +225,7 @@ class UDADataModule(LightningDataModule):
         self.test_split = test_split
         self.steps_per_epoch = steps_per_epoch
 
+        self.sampler_seed: int | None = None  # fixed at the first training loader, saved in checkpoints
         self.source_train: Dataset | None = None
         self.target_train: Cityscapes | None = None
         self.val_dataset: Cityscapes | None = None
@@ -290,48 +343,64 @@ class UDADataModule(LightningDataModule):
             )
 
     # -------------------------------------------------------------------------------------------- loaders
-    def _loader(
-        self, dataset: Dataset, batch_size: int, train: bool, sampler: Sampler | None = None
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        """An evaluation loader, in order; its workers' seeds come from a generator of its own, not the global one."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=torch.Generator().manual_seed(0),
+            **self._loader_options(),
         )
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+        }
 
     def _require(self, dataset: Dataset | None, stage: str) -> Dataset:
         if dataset is None:
             raise RuntimeError(f"UDADataModule.setup({stage!r}) must run before asking for its dataloader")
         return dataset
 
-    def _epoch_loader(self, dataset: Dataset, seed: int) -> DataLoader:
-        num_samples = self.steps_per_epoch * self.batch_size * self._world_size()  # type: ignore[operator]
-        sampler = EpochSampler(len(dataset), num_samples, seed)  # type: ignore[arg-type]
-        return self._loader(dataset, self.batch_size, train=True, sampler=sampler)
+    def train_epoch_length(self) -> int:
+        """Steps of a training epoch: ``steps_per_epoch``, else the larger domain's images // (batch x processes).
 
-    def train_dataloader(self) -> CombinedLoader:
-        """``CombinedLoader({"source": ..., "target": ...}, "max_size_cycle")``, shuffled, incomplete batches dropped.
-
-        With ``steps_per_epoch`` both domains yield exactly that many batches per epoch.
+        Raises:
+            RuntimeError: Before ``setup("fit")`` when ``steps_per_epoch`` is not set.
         """
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
         source = self._require(self.source_train, "fit")
         target = self._require(self.target_train, "fit")
-        if self.steps_per_epoch is not None:
-            seed = torch.initial_seed() % 2**31
-            loaders = {
-                "source": self._epoch_loader(source, seed),
-                "target": self._epoch_loader(target, seed + 1),
-            }
-        else:
-            loaders = {
-                "source": self._loader(source, self.batch_size, train=True),
-                "target": self._loader(target, self.batch_size, train=True),
-            }
+        return max(len(source), len(target)) // (self.batch_size * self._world_size())  # type: ignore[arg-type]
+
+    def _epoch_loader(self, dataset: Dataset, seed: int) -> EpochLoader:
+        trainer = getattr(self, "trainer", None)
+        world_size = self._world_size()
+        sampler = EpochSampler(
+            len(dataset),  # type: ignore[arg-type]
+            self.train_epoch_length() * self.batch_size * world_size,
+            seed,
+            epoch=int(trainer.current_epoch) if trainer is not None else 0,
+            num_replicas=world_size,
+            rank=int(trainer.global_rank) if trainer is not None else 0,
+        )
+        generator = torch.Generator().manual_seed(seed)
+        return EpochLoader(dataset, sampler, self.batch_size, generator=generator, **self._loader_options())
+
+    def train_dataloader(self) -> CombinedLoader:
+        """``CombinedLoader({"source": ..., "target": ...})`` of two :class:`EpochLoader` of one epoch's length."""
+        source = self._require(self.source_train, "fit")
+        target = self._require(self.target_train, "fit")
+        if self.sampler_seed is None:
+            self.sampler_seed = torch.initial_seed() % 2**31
+        loaders = {
+            "source": self._epoch_loader(source, self.sampler_seed),
+            "target": self._epoch_loader(target, self.sampler_seed + 1),
+        }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
@@ -342,7 +411,7 @@ class UDADataModule(LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=self._world_size(), rank=self.trainer.global_rank, shuffle=False
             )
-        return self._loader(dataset, self.val_batch_size, train=False, sampler=sampler)
+        return self._loader(dataset, self.val_batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Cityscapes val with ground truth; under DDP each image is evaluated by exactly one process."""
@@ -359,7 +428,7 @@ class UDADataModule(LightningDataModule):
         """
         dataset = self._require(self.predict_dataset, "predict")
         batch_size = 1 if isinstance(dataset, ImageFolder) else self.val_batch_size
-        return self._loader(dataset, batch_size, train=False)
+        return self._loader(dataset, batch_size)
 
     # ----------------------------------------------------------------------------------- pseudo labels
     def set_pseudo_label_root(self, path: str | Path | None) -> None:
@@ -384,10 +453,11 @@ class UDADataModule(LightningDataModule):
         self.hparams["pseudo_label_root"] = value
 
     def state_dict(self) -> dict[str, Any]:
-        """The current pseudo-label folder, so that resuming mid-generation reads the same masks."""
-        return {"pseudo_label_root": self.pseudo_label_root}
+        """The current pseudo-label folder and the seed of the training orders, for an exact resume."""
+        return {"pseudo_label_root": self.pseudo_label_root, "sampler_seed": self.sampler_seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the pseudo-label folder saved by :meth:`state_dict`."""
+        """Restore what :meth:`state_dict` saved."""
         if "pseudo_label_root" in state_dict:
             self.set_pseudo_label_root(state_dict["pseudo_label_root"])
+        self.sampler_seed = state_dict.get("sampler_seed", self.sampler_seed)

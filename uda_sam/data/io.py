@@ -6,6 +6,7 @@ download surfaces as a readable message instead of an OpenCV assertion deep insi
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -138,3 +139,27 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
             "(is this a GT/COLOR or Depth file?)"
         )
     return ids.astype(np.uint8)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """``(width, height)`` of an image from its file header, without decoding the pixels.
+
+    PNG headers (8- and 16-bit alike) are parsed directly; other formats through PIL.
+
+    Returns:
+        The size, or ``None`` when the header cannot be read (reading the pixels reports such a file).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+        if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", head[16:24])
+            return int(width), int(height)
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, struct.error):
+        return None

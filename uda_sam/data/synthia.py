@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from uda_sam.data.base import SegmentationDataset, paired_samples, require_dir, select_names
+from uda_sam.data.base import (
+    SegmentationDataset,
+    check_label_sizes,
+    paired_samples,
+    require_dir,
+    select_names,
+)
 from uda_sam.data.io import read_rgb, read_synthia_label
 from uda_sam.data.labels import SYNTHIA_ID_TO_TRAIN_ID
 from uda_sam.data.transforms import Normalization
@@ -37,6 +43,7 @@ class Synthia(SegmentationDataset):
 
     Raises:
         FileNotFoundError: missing root/sub-folder/list entries, no images, or images without a label file.
+        ValueError: labels not of their image's size (read from the file headers).
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class Synthia(SegmentationDataset):
             f"SYNTHIA image folder {image_dir} holds no PNG images; expected layout: {LAYOUT}",
         )
         self.samples = paired_samples(names, images, label_dir, "SYNTHIA", LAYOUT)
+        check_label_sizes(self.samples, "SYNTHIA")
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask."""

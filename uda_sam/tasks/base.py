@@ -38,6 +38,20 @@ ClassSubset = Literal["19", "16", "13"]
 _NETWORK_API = ("num_classes", "upsample_logits", "param_groups")
 
 
+def _random_state() -> dict[str, Tensor]:
+    """The global torch generators' state: the CPU one and, once CUDA is in use, the current device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_random_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ``ValueError`` naming ``option`` and its ``choices`` when ``value`` is not one of them."""
     if value not in choices:
@@ -307,17 +321,24 @@ class SegmentationTask(LightningModule):
                 group["lr"] = base_lr * factor
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the schedule origin and horizon next to the weights."""
+        """Store the schedule origin and horizon, and the random generators' state, next to the weights."""
         checkpoint["uda_sam"] = {
             "schedule_origin": self.schedule_origin,
             "schedule_steps": self.schedule_steps,
+            "rng": _random_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore what :meth:`on_save_checkpoint` stored."""
+        """Restore what :meth:`on_save_checkpoint` stored.
+
+        The random state (what dropout draws) is restored too, so that a resumed fit draws what an uninterrupted
+        one would: the data loaders use generators of their own, so nothing else draws from it before training.
+        """
         state = checkpoint.get("uda_sam", {})
         self.schedule_origin = int(state.get("schedule_origin", 0))
         self.schedule_steps = state.get("schedule_steps", self.schedule_steps)
+        if "rng" in state:
+            _set_random_state(state["rng"])
 
     # ---------------------------------------------------------------------------------- evaluation
     def _evaluate_batch(self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str) -> Tensor:

@@ -1,0 +1,68 @@
+"""``last.ckpt`` that always holds the last training step."""
+
+from __future__ import annotations
+
+from weakref import proxy
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["LastStepCheckpoint"]
+
+
+class LastStepCheckpoint(ModelCheckpoint):
+    """Write ``last.ckpt`` every ``every_n_train_steps`` optimiser steps and once more when training ends.
+
+    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` writes ``last.ckpt`` only when it writes a monitored
+    checkpoint, i.e. when the monitored score improves, and at the end of training only if it never wrote one: its
+    ``last.ckpt`` can lag many steps behind. This checkpoint monitors nothing, so ``last.ckpt`` is the network at
+    the last step it was written, and after a finished fit at the last step of the fit: the network the pipeline
+    scores and hands on as the next generation's teacher, and the point a killed run resumes from. The file is
+    replaced atomically, so a run killed while writing it keeps the previous one whole. For the best network on
+    validation, add a monitored ``ModelCheckpoint`` with another ``filename`` and ``save_last: false``.
+
+    Args:
+        dirpath: Folder of ``last.ckpt``; ``None`` uses Lightning's default (``{default_root_dir}/checkpoints`` or
+            the logger's folder).
+        every_n_train_steps: Steps between writes (e.g. the validation interval); ``None`` or 0 writes only when
+            training ends.
+        save_weights_only: Keep only the weights (a run cannot resume from such a file).
+    """
+
+    CHECKPOINT_NAME_LAST = "last"
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int | None = None,
+        save_weights_only: bool = False,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            save_weights_only=save_weights_only,
+            every_n_train_steps=every_n_train_steps or 0,
+            enable_version_counter=False,
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the last step unless it was just written."""
+        if trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Written next to the destination, then renamed over it: never a truncated last.ckpt.
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero:
+            self._fs.mv(partial, filepath)
+        trainer.strategy.barrier("LastStepCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
