@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ TOY = REPO / "configs" / "toy"
 
 
 def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
-    """The shipped toy pipeline, shrunk: the session's tiny toy set, 2 steps per stage, 1 generation + 1."""
+    """The shipped toy pipeline, shrunk: the session's tiny toy set, 6 steps per stage."""
     config = yaml.safe_load((TOY / "pipeline.yaml").read_text())
     for stage in ("no_pseudo", "sam_pretraining", "oracle"):
         if stage in config:
@@ -34,8 +35,9 @@ def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
         "--data.source_size=[72,40]",
         "--data.target_size=[64,32]",
         "--data.batch_size=1",
-        "--trainer.max_steps=3",  # validated at step 2 only: last.ckpt must still hold step 3
-        "--trainer.val_check_interval=2",
+        "--data.source_holdout=1",
+        "--trainer.max_steps=6",  # validated at step 4 only: last.ckpt must still hold step 6
+        "--trainer.val_check_interval=4",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
     ]
@@ -46,7 +48,10 @@ def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
 
 
 @pytest.mark.slow
-def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_toy_pipeline_end_to_end(
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     path = pipeline_file(tmp_path, toy_root, generations=2)
     assert main(["pipeline", "--config", str(path)]) == 0
     out = tmp_path / "out"
@@ -57,17 +62,24 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
     stages = [seed / "no_pseudo", seed / "sam_pretraining"]
     stages += [seed / s / f"generation_{g}" for s in ("pseudo_only", "ours_8_10") for g in (1, 2)]
     for stage in stages:
-        assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-        assert torch.load(stage / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
+        assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+        assert torch.load(stage / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 4
     assert (seed / "sam_pretraining" / "sam.pt").is_file()
+    shared = seed / "no_pseudo" / "pseudo_labels" / "generation_1"  # generation 1's labels, made once
     for setting in ("pseudo_only", "ours_8_10"):
         for generation in (1, 2):
             stage = seed / setting / f"generation_{generation}"
-            labels = stage / "pseudo_labels" / f"generation_{generation}"
+            labels = shared if generation == 1 else stage / "pseudo_labels" / f"generation_{generation}"
             assert (labels / "thresholds.json").is_file() and (labels / "statistics.json").is_file()
             assert len(list(labels.rglob("*.png"))) == 4
             result = json.loads((stage / "result.json").read_text())
-            assert 0.0 <= result["metrics"]["val/mIoU"] <= 1.0
+            assert result["pseudo_labels"] == str(labels)
+            assert 0.0 <= result["metrics"]["val/mIoU"] <= 1.0 and 0.0 <= result["metrics"]["test/mIoU"] <= 1.0
+            assert result["metrics"]["train/peak_loss_growth"] < 100  # nothing diverged
+        assert not (seed / setting / "generation_1" / "pseudo_labels").exists()
+    sam = json.loads((seed / "sam_pretraining" / "result.json").read_text())["metrics"]
+    assert sam["sam/source/images"] == 1 and sam["sam/target/images"] == 2  # held-out source, target val
+    assert sam["sam/target/lift"] > 0
 
     # Generation 2's labels come from generation 1's network.
     record = json.loads((seed / "pseudo_only" / "generation_2" / "pseudo_labels" / "generation_2" / "thresholds.json").read_text())
@@ -80,12 +92,17 @@ def test_toy_pipeline_end_to_end(tmp_path: Path, toy_root: Path, capsys: pytest.
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     assert header[-2:] == ["gen 1", "gen 2"]
-    body = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:4])}
-    assert set(body) == {"No Pseudo", "Pseudo-Only", "Ours (8)&(10)"}
+    assert "on the test split" in table  # the toy configs report on their labelled test split
+    body = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:5])}
+    assert set(body) == {"No Pseudo", "SAM pretraining (network + SAM)", "Pseudo-Only", "Ours (8)&(10)"}
+    assert "same-class share" in table and "| held-out source | 1 |" in table and "| target val | 2 |" in table
+    assert "| Ours (8)&(10) gen 2 |" in table  # the peak-growth table
     for name in ("Pseudo-Only", "Ours (8)&(10)"):
         assert all(0.0 <= float(v) <= 100.0 for v in body[name][1:])
     assert float(body["No Pseudo"][0]) >= 0.0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "generation 1 (reused)" in caplog.text  # Ours reused the labels Pseudo-Only's made
     assert "Checkpoints:" in printed and "SAM weights" in printed and str(out / "results.md") in printed
     assert len(config.settings) == 2
 

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import uda_sam.callbacks  # noqa: F401  (registers the callbacks for short class names in configs)
 from uda_sam import __version__
+from uda_sam.callbacks.divergence import DivergenceError
 from uda_sam.data import UDADataModule
 from uda_sam.tasks import SegmentationTask
 
@@ -372,7 +373,7 @@ def main(args: Sequence[str] | None = None) -> int | None:
 
     Returns:
         The exit code of an extra command, 0 after the overview or a Lightning subcommand, 2 after a bad config
-        or input file (its message printed to stderr).
+        or input file (its message printed to stderr), 1 after a run stopped by a ``DivergenceMonitor``.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
@@ -383,6 +384,13 @@ def main(args: Sequence[str] | None = None) -> int | None:
         return 0
     try:
         return _run(argv, None if args is None else argv)
+    except (
+        DivergenceError
+    ) as error:  # a run that diverged: its own message (step, terms, cause), no traceback
+        if os.environ.get("UDA_SAM_TRACEBACK"):
+            raise
+        print(f"uda-sam {argv[0]}: {error}", file=sys.stderr, flush=True)
+        return 1
     except USER_ERRORS as error:
         if os.environ.get("UDA_SAM_TRACEBACK"):
             raise

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from uda_sam.files import write_atomically
 
@@ -319,8 +320,15 @@ def run_stage(
     seed: int,
     teacher: str | None = None,
     generation: int = 1,
+    label_dir: Path | None = None,
 ) -> StageResult:
-    """Fit one stage in this process (or reuse its finished result) and validate its final network.
+    """Fit one stage in this process (or reuse its finished result) and score its final network.
+
+    The network scored is the last step's, the one written to ``last.ckpt`` and handed on as the next generation's
+    teacher. Its validation scores are those of the fit's last validation when that ran at the last step (else it
+    is validated once more); with a datamodule whose ``test_split`` is not ``val`` it is also scored there
+    (``test/*`` metrics). A SAM pretraining stage adds the SAM's attention quality (``sam/<domain>/<figure>``), and
+    a :class:`~uda_sam.callbacks.DivergenceMonitor` its peak growths (``train/peak_<value>_growth``).
 
     Args:
         name: Stage name for messages and the W&B run name.
@@ -330,12 +338,15 @@ def run_stage(
         seed: Global seed.
         teacher: Checkpoint whose network makes this stage's pseudo labels (self-training stages).
         generation: The generation this stage trains (self-training stages).
+        label_dir: Folder for this stage's pseudo labels (default: ``{stage_dir}/pseudo_labels``); stages with the
+            same teacher can share one, the labels are then made once and reused.
     """
     result_file = stage_dir / RESULT_FILE
     if result_file.is_file():
         print(f"  [skip] {name}: finished earlier ({result_file})", flush=True)
         return StageResult(**json.loads(result_file.read_text()))
 
+    from uda_sam.callbacks import DivergenceMonitor
     from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
     from uda_sam.cli import UDASamCLI
 
@@ -367,16 +378,28 @@ def run_stage(
                     f"stage {name!r} makes pseudo labels but the pipeline has no teacher for it"
                 )
             callback.teacher_checkpoint = teacher
-            callback.output_dir = stage_dir / "pseudo_labels"
+            callback.output_dir = label_dir or stage_dir / "pseudo_labels"
             callback.first_generation = generation
             callback.num_generations = 1
 
     last = checkpoint_dir / "last.ckpt"
+    last_validation = _LastValidation()
+    trainer.callbacks.append(last_validation)
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     if not last.is_file():
         raise RuntimeError(f"stage {name!r} finished without writing {last}")
-    # The network scored is the file handed on as the next generation's teacher: the last step's.
-    metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)[0]
+    # The network in memory is the last step's, the one last.ckpt holds (the next generation's teacher).
+    if last_validation.step == trainer.global_step:
+        metrics = dict(last_validation.metrics)
+    else:
+        metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)[0]
+    if getattr(datamodule, "test_split", "val") != "val":
+        metrics.update(trainer.test(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)[0])
+    for domain, figures in getattr(model, "attention_quality", {}).items():
+        metrics.update({f"sam/{domain}/{key}": value for key, value in figures.items()})
+    for callback in trainer.callbacks:
+        if isinstance(callback, DivergenceMonitor):
+            metrics.update({f"train/peak_{k}_growth": v for k, v in callback.peak_growth.items()})
 
     sam_file = model.resolve_export_path() if hasattr(model, "resolve_export_path") else None
     label_dir = next(
@@ -396,6 +419,19 @@ def run_stage(
     del cli, trainer, model, datamodule
     gc.collect()
     return result
+
+
+class _LastValidation(Callback):
+    """Keeps the scores and the step of a fit's last validation."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 def _route_checkpoints(trainer: Any, checkpoint_dir: Path) -> None:
@@ -471,6 +507,7 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
             "SAM pretraining", seed_dir / "sam_pretraining", config.sam_pretraining, common, seed
         )
         sam_file = sam_stage.sam or sam_stage.checkpoint
+        results["SAM pretraining"] = {0: sam_stage}
 
     for setting in config.settings:
         teacher = no_pseudo.checkpoint
@@ -489,6 +526,8 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
                 seed,
                 teacher=teacher,
                 generation=generation,
+                # Every setting's generation 1 learns from the No Pseudo network's labels: made once, kept with it.
+                label_dir=seed_dir / "no_pseudo" / "pseudo_labels" if generation == 1 else None,
             )
             results[setting.name][generation] = result
             teacher = result.checkpoint
@@ -509,46 +548,127 @@ def _mean_spread(values: list[float]) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * 100:.1f}"
 
 
-def format_results(per_seed: dict[int, dict[str, dict[int, StageResult]]], metric: str = "val/mIoU") -> str:
-    """Markdown tables: mIoU per setting and generation (Tables 1-2 shape), and per-class IoU of the last generation."""
+def _split_of(per_seed: dict[int, dict[str, dict[int, StageResult]]]) -> str:
+    """``"test"`` when the stages were scored on a test split, else ``"val"``."""
+    results = (r for rows in per_seed.values() for gens in rows.values() for r in gens.values())
+    return "test" if any("test/mIoU" in r.metrics for r in results) else "val"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
+def format_results(per_seed: dict[int, dict[str, dict[int, StageResult]]], split: str | None = None) -> str:
+    """Markdown tables: mIoU per setting and generation (Tables 1-2 shape) on ``split`` (default: the test split
+    when the stages were scored on one), per-class IoU of the last generation, the SAM's attention quality, and how
+    far each stage's loss and logit norm grew over their first values."""
     from uda_sam.data.labels import CLASS_NAMES
 
+    split = split or _split_of(per_seed)
+    metric = f"{split}/mIoU"
     seeds = sorted(per_seed)
     rows = list(next(iter(per_seed.values())).keys())
     max_gen = max((g for row in per_seed[seeds[0]].values() for g in row), default=0)
-    header = ["setting"] + (
-        ["mIoU"] if max_gen == 0 else ["mIoU (single stage)"] + [f"gen {g}" for g in range(1, max_gen + 1)]
-    )
+    generations = [0, *range(1, max_gen + 1)]
+
+    def values(row: str, generation: int, key: str) -> list[float]:
+        return [
+            per_seed[s][row][generation].metrics.get(key, float("nan"))
+            for s in seeds
+            if generation in per_seed[s].get(row, {})
+        ]
+
+    where = "the test split (scenes no setting was chosen on)" if split == "test" else "the validation split"
     lines = [
-        f"Target mIoU (%) on the validation split, {len(seeds)} seed(s) {seeds}"
+        f"Target mIoU (%) on {where}, {len(seeds)} seed(s) {seeds}"
         + (" (mean ± standard deviation)" if len(seeds) > 1 else ""),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
+    header = ["setting"] + (
+        ["mIoU"] if max_gen == 0 else ["mIoU (single stage)"] + [f"gen {g}" for g in generations[1:]]
+    )
+    body = []
     for row in rows:
-        cells = [row]
-        for generation in [0, *range(1, max_gen + 1)]:
-            values = [
-                per_seed[s][row][generation].metrics.get(metric, float("nan"))
-                for s in seeds
-                if generation in per_seed[s][row]
-            ]
-            cells.append(_mean_spread(values) if values else "")
-        lines.append("| " + " | ".join(cells) + " |")
+        label = "SAM pretraining (network + SAM)" if row == "SAM pretraining" else row
+        cells = [label]
+        for generation in generations:
+            found = values(row, generation, metric)
+            cells.append(_mean_spread(found) if found else "")
+        body.append(cells)
+    lines += _table(header, body)
 
     lines += ["", "Per-class IoU (%) of each setting's last generation, seed mean", ""]
-    class_header = ["setting", *CLASS_NAMES, "mIoU"]
-    lines += ["| " + " | ".join(class_header) + " |", "|" + "---|" * len(class_header)]
+    body = []
     for row in rows:
         last = max(per_seed[seeds[0]][row])
         cells = [row]
         for name in [*CLASS_NAMES, None]:
-            key = metric if name is None else f"val/iou/{name}"
-            values = [per_seed[s][row][last].metrics.get(key, float("nan")) for s in seeds]
-            finite = [v for v in values if not math.isnan(v)]
+            finite = [
+                v
+                for v in values(row, last, metric if name is None else f"{split}/iou/{name}")
+                if not math.isnan(v)
+            ]
             cells.append(f"{statistics.fmean(finite) * 100:.1f}" if finite else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines += _table(["setting", *CLASS_NAMES, "mIoU"], body)
+
+    if "SAM pretraining" in rows:
+        lines += [
+            "",
+            "The SAM's attention at the end of its pretraining, on labelled images nothing trained on (seed mean): "
+            "the share of a row's attention on its own class against chance, and the row entropy against uniform",
+            "",
+        ]
+        body = []
+        for domain, what in (("source", "held-out source"), ("target", "target val")):
+            figures = {
+                key: values("SAM pretraining", 0, f"sam/{domain}/{key}")
+                for key in (
+                    "images",
+                    "same_class_share",
+                    "chance_share",
+                    "lift",
+                    "entropy",
+                    "uniform_entropy",
+                )
+            }
+            if not [v for v in figures["lift"] if not math.isnan(v)]:
+                continue
+            mean = {key: statistics.fmean(v) for key, v in figures.items()}
+            body.append(
+                [
+                    what,
+                    f"{mean['images']:.0f}",
+                    f"{mean['same_class_share']:.3f}",
+                    f"{mean['chance_share']:.3f}",
+                    f"{mean['lift']:.2f}",
+                    f"{mean['entropy']:.3f}",
+                    f"{mean['uniform_entropy']:.3f}",
+                ]
+            )
+        lines += _table(
+            ["images", "count", "same-class share", "chance", "lift", "row entropy", "uniform entropy"], body
+        )
+
+    peaks = [(row, g) for row in rows for g in generations if values(row, g, "train/peak_loss_growth")]
+    if peaks:
+        lines += [
+            "",
+            "Largest loss and logit norm over training, as multiples of their first steps' values (highest seed; "
+            "DivergenceMonitor stops a run at 100x)",
+            "",
+        ]
+        body = []
+        for row, generation in peaks:
+            loss = max(values(row, generation, "train/peak_loss_growth"))
+            norm = [v for v in values(row, generation, "train/peak_logit_norm_growth") if not math.isnan(v)]
+            label = row if generation == 0 else f"{row} gen {generation}"
+            body.append([label, f"{loss:.2f}", f"{max(norm):.1f}" if norm else "n/a"])
+        lines += _table(["stage", "loss", "logit norm"], body)
     return "\n".join(lines) + "\n"
 
 
@@ -585,7 +705,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
         sam_result = Path(out / f"seed_{seed}" / "sam_pretraining" / RESULT_FILE)
         if sam_result.is_file():
             print(f"  seed {seed} | SAM weights: {json.loads(sam_result.read_text())['sam']}")
-    print(f"\nPseudo labels:      {out}/seed_*/<setting>/generation_<k>/pseudo_labels/generation_<k>/")
+    print(
+        f"\nPseudo labels:      {out}/seed_*/no_pseudo/pseudo_labels/generation_1/ (generation 1, shared), "
+        f"{out}/seed_*/<setting>/generation_<k>/pseudo_labels/generation_<k>/"
+    )
     print(f"W&B offline runs:   {out}/seed_*/<stage>/wandb/  (upload with `wandb sync <run folder>`)")
     print(f"Results table:      {results_md}")
     print(f"Total time:         {(time.monotonic() - start) / 60:.1f} min")

@@ -38,6 +38,9 @@ class DivergenceMonitor(Callback):
     step's validation and checkpoint, so the last checkpoint on disk is the last one written before the divergence.
     With ``action="warn"`` it warns once and training goes on.
 
+    :attr:`peak_growth` keeps the largest ratio to the reference each value reached (on the device until read),
+    so that a finished run can show how far it stayed from divergence.
+
     The check reads one flag from the device per step (Lightning's progress bar reads the loss every step anyway);
     under DDP the ranks agree on it, so they all stop together.
 
@@ -78,6 +81,7 @@ class DivergenceMonitor(Callback):
         self._early: dict[str, list[float]] = {"loss": [], "logit_norm": []}
         self._warned = False
         self._step = 0
+        self._peak: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ hooks
     def on_train_batch_start(
@@ -99,6 +103,7 @@ class DivergenceMonitor(Callback):
             values["logit_norm"] = norm.detach().float().to(loss.device).reshape(())
         if len(self.reference) < len(values):
             self._collect_reference(values)
+        self._track_peaks(values)
         diverged = self._diverged_on_device(values)
         if not trainer.strategy.reduce_boolean_decision(bool(diverged), all=False):
             return
@@ -109,11 +114,17 @@ class DivergenceMonitor(Callback):
             rank_zero_warn(message + " (DivergenceMonitor.action: warn, training goes on)")
             self._warned = True
 
+    @property
+    def peak_growth(self) -> dict[str, float]:
+        """The largest ``value / reference`` seen so far for ``"loss"`` and ``"logit_norm"`` (where measured)."""
+        return {name: float(peak) for name, peak in self._peak.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": dict(self.reference)}
+        return {"reference": dict(self.reference), "peak_growth": self.peak_growth}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = {str(k): float(v) for k, v in state_dict.get("reference", {}).items()}
+        self._peak = {str(k): torch.tensor(float(v)) for k, v in state_dict.get("peak_growth", {}).items()}
 
     # ------------------------------------------------------------------------------------------------ checks
     def _collect_reference(self, values: dict[str, Tensor]) -> None:
@@ -126,6 +137,14 @@ class DivergenceMonitor(Callback):
                 early.append(value)
             if len(early) >= self.reference_steps:
                 self.reference[name] = statistics.median(early)
+
+    def _track_peaks(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            if name not in self.reference or self.reference[name] == 0:
+                continue
+            ratio = value / abs(self.reference[name])
+            peak = self._peak.get(name)
+            self._peak[name] = ratio if peak is None else torch.maximum(peak.to(ratio.device), ratio)
 
     def _bound(self, name: str) -> float:
         growth = self.max_loss_growth if name == "loss" else self.max_logit_norm_growth

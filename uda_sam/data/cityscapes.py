@@ -43,8 +43,9 @@ class Cityscapes(SegmentationDataset):
 
     Args:
         root: Cityscapes root holding ``leftImg8bit/`` (and ``gtFine/`` when ground truth is read).
-        split: ``"train"``, ``"val"`` or ``"test"``. The public test labels are placeholders, so ``"test"``
-            masks are always all 255 and ``gtFine/`` is not needed for it.
+        split: ``"train"``, ``"val"`` or ``"test"``. Cityscapes' public test labels are placeholders (they map to
+            all 255): read that split with ``labels="none"``, which needs no ``gtFine/``; a labelled test split
+            (the toy pair's) is read like ``val``.
         size: ``(width, height)`` of the image (1024x512 is the usual), ``None`` = native 2048x1024.
         labels: where masks come from when ``pseudo_label_root`` is ``None``: ``"gt"`` (``gtFine`` labelIds
             mapped to trainIds; every image must have its label file), ``"optional"`` (ground truth where the
@@ -95,8 +96,6 @@ class Cityscapes(SegmentationDataset):
         self.split = split
         self.label_size = label_size
         self.pseudo_label_root = Path(pseudo_label_root) if pseudo_label_root is not None else None
-        if split == "test":
-            labels = "none"
         self.labels = labels
 
         require_dir(self.root, "Cityscapes root", LAYOUT)
