@@ -83,6 +83,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "(8), adam, lambda 0.001": {"lambda_sa": 0.001},
     "(8), sgd, lambda 0.025": {**SGD, "lambda_sa": 0.025},
     "(8), sgd, lambda 0.0025": {**SGD, "lambda_sa": 0.0025},
+    "(8), adam, lambda 0.0001": {"lambda_sa": 1e-4},
+    "(8), sgd, lambda 0.0001": {**SGD, "lambda_sa": 1e-4},
     "(8), sgd lr/4, lambda 0.01": {**SGD, "lr": 2.5e-3, "lambda_sa": 0.01},
     "(8), sgd, label attention": {**SGD, "attention": "labels"},
     "(8), sgd, no conv": {**SGD, "attention": "noconv"},
@@ -263,6 +265,39 @@ def _measured_growth(records: list[dict[str, float]], first: int, last: int) -> 
     return math.exp((math.log(b) - math.log(a)) / (last - first))
 
 
+def probe_config(cli_args: list[str]) -> str:
+    """The gain of the class-uniform mode for a training config's network, SAM and lambda, and what it predicts
+    over the config's schedule (SGD: the product of the per-step factors along the poly learning rates)."""
+    from uda_sam.cli import UDASamCLI
+
+    cli = UDASamCLI(args=[*cli_args, "--trainer.logger=false"], run=False)
+    model, datamodule = cli.model, cli.datamodule
+    if getattr(model, "sam", None) is None or not getattr(model, "lambda_sa", 0):
+        return "the config trains no self-attention loss on the prediction layer (lambda_sa = 0 or no SAM)"
+    datamodule.setup("fit")
+    images = torch.stack([datamodule.target_train[i]["image"] for i in range(2)])
+    gain = uniform_mode_gain(model.network, model.sam, images, model.lambda_sa, model.sa_target)
+    lines = [
+        f"gain a of the class-uniform mode at lambda_sa={model.lambda_sa}, {model.sa_target}: {gain:.4g}"
+    ]
+    steps = cli.trainer.max_steps
+    if model.optimizer_name == "sgd" and steps and steps > 0:
+        total = sum(
+            math.log(momentum_growth(gain, model.lr * (1 - t / steps) ** model.poly_power, model.momentum))
+            for t in range(steps)
+        )
+        lines.append(
+            f"SGD (lr {model.lr}, momentum {model.momentum}, poly {model.poly_power}) over {steps} steps: the mode "
+            f"grows by e^{total:.3g} at the gain of the start (it rises as training scales the features up); "
+            "keep it below e^1, e.g. with lambda_sa scaled down by that exponent"
+        )
+    else:
+        lines.append(
+            "Adam normalises each step: the mode drifts by about lr per parameter and step, whatever lambda"
+        )
+    return "\n".join(lines)
+
+
 def run_setting(
     name: str, overrides: dict[str, Any], start: Path, data_root: Path, steps: int, every: int, seed: int
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
@@ -419,6 +454,12 @@ def main() -> None:
         "--prepare", type=Path, help="train the shared start (No Pseudo, SAM, labels) into this folder"
     )
     parser.add_argument("--start", type=Path, help="a folder made by --prepare")
+    parser.add_argument(
+        "--probe",
+        nargs=argparse.REMAINDER,
+        help="uda-sam fit arguments of a stage-2 config (e.g. --config configs/toy/ours.yaml): print its gain and "
+        "the growth it predicts over the schedule; must come last",
+    )
     parser.add_argument("--data-root", type=Path, default=Path("data/toy"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prepare-steps", type=int, default=300)
@@ -432,6 +473,9 @@ def main() -> None:
         help="prefix of the .md summary and the .csv curves",
     )
     args = parser.parse_args()
+    if args.probe:
+        print(probe_config(args.probe))
+        return
     if args.prepare:
         prepare(args.prepare, args.data_root, args.prepare_steps, args.seed)
         return
