@@ -96,12 +96,21 @@ class MeanTeacher(pl.LightningModule):
         logits = F.interpolate(logits, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=True)
         self.val_metrics.update(logits.argmax(dim=1), batch["mask"])
 
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
     def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
+
+    def _log_scores(self, split: str) -> None:
         scores = self.val_metrics.compute()
         self.val_metrics.reset()
-        self.log("val/mIoU", scores["mIoU_19"], sync_dist=True)
+        self.log(f"{split}/mIoU", scores["mIoU_19"], sync_dist=True)
         self.log_dict(
-            {f"val/iou/{CLASS_NAMES[c]}": iou for c, iou in enumerate(scores["iou"])}, sync_dist=True
+            {f"{split}/iou/{CLASS_NAMES[c]}": iou for c, iou in enumerate(scores["iou"])}, sync_dist=True
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
