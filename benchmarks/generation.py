@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 
 from uda_sam.data import Cityscapes
 from uda_sam.data.toy import make_toy_data
-from uda_sam.generation import generate_pseudo_labels
 from uda_sam.nn import DeepLabV2
+from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 
 
 def _sync(device: torch.device) -> None:

@@ -74,7 +74,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss, self_attention_loss
-from uda_sam.sam_io import load_sam, save_sam
+from uda_sam.nn.sam_io import load_sam, save_sam
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import build_optimizer, lr_factor, trainable_param_groups
 

@@ -1,4 +1,4 @@
-"""Tests of uda_sam.analysis (eq. 12, eq. 13, Fig. 3, Fig. E.4) and of the entropy/attention callbacks."""
+"""Tests of uda_sam.evaluation.analysis (eq. 12, eq. 13, Fig. 3, Fig. E.4) and of the entropy/attention callbacks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Dataset
 
-from uda_sam.analysis import (
+from uda_sam.callbacks.attention import AttentionVisualization
+from uda_sam.callbacks.entropy import EntropyAnalysisCallback
+from uda_sam.data.labels import CLASS_NAMES
+from uda_sam.evaluation.analysis import (
     EntropyAnalysis,
     attention_maps,
     denormalize,
@@ -27,9 +30,6 @@ from uda_sam.analysis import (
     similarity_map,
     similarity_matrices,
 )
-from uda_sam.callbacks.attention import AttentionVisualization
-from uda_sam.callbacks.entropy import EntropyAnalysisCallback
-from uda_sam.data.labels import CLASS_NAMES
 from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss
 
 

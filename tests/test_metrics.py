@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from uda_sam.data.labels import CLASS_NAMES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
-from uda_sam.metrics import SegmentationMetrics, format_iou_table, iou_from_confusion, mean_iou
+from uda_sam.evaluation.metrics import SegmentationMetrics, format_iou_table, iou_from_confusion, mean_iou
 
 
 def reference_iou(preds: np.ndarray, target: np.ndarray, num_classes: int = 19) -> np.ndarray:

@@ -16,10 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 import uda_sam.callbacks.pseudo_labels as callback_module
-import uda_sam.generation as generation_module
+import uda_sam.pseudo_labels.generation as generation_module
 from uda_sam.callbacks import LastStepCheckpoint, PseudoLabelRegeneration
-from uda_sam.generation import generate_pseudo_labels
-from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels
+from uda_sam.pseudo_labels.generation import generate_pseudo_labels
+from uda_sam.pseudo_labels.thresholds import ClasswiseThresholdEstimator, make_pseudo_labels
 from uda_sam.tasks import SelfTraining
 
 try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from uda_sam.pseudo_labels import (
+from uda_sam.pseudo_labels.thresholds import (
     ClasswiseThresholdEstimator,
     PseudoLabelStatistics,
     make_pseudo_labels,

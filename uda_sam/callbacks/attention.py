@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import nn
 
-from uda_sam.analysis import (
+from uda_sam.callbacks.entropy import validation_loader
+from uda_sam.data.labels import CLASS_NAMES
+from uda_sam.evaluation.analysis import (
     attention_maps,
     denormalize,
     eval_mode,
@@ -22,9 +24,7 @@ from uda_sam.analysis import (
     overlay,
     similarity_matrices,
 )
-from uda_sam.callbacks.entropy import validation_loader
-from uda_sam.data.labels import CLASS_NAMES
-from uda_sam.tasks.media import find_wandb_logger
+from uda_sam.media import find_wandb_logger
 
 __all__ = ["AttentionVisualization"]
 

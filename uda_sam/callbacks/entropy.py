@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
-from uda_sam.analysis import EntropyAnalysis, eval_mode
+from uda_sam.evaluation.analysis import EntropyAnalysis, eval_mode
 
 __all__ = ["EntropyAnalysisCallback"]
 
@@ -120,7 +120,7 @@ class EntropyAnalysisCallback(Callback):
         """Run the network over this process's share of the validation set and sum the state over processes.
 
         Returns:
-            The combined :class:`~uda_sam.analysis.EntropyAnalysis` (identical on every process), or ``None`` when the
+            The combined :class:`~uda_sam.evaluation.analysis.EntropyAnalysis` (identical on every process), or ``None`` when the
             trainer has no datamodule with a validation loader.
         """
         loader = validation_loader(trainer)

@@ -12,14 +12,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from uda_sam.generation import (
+from uda_sam.nn.sam_io import load_network_weights  # re-exported: the teacher is read with it
+from uda_sam.pseudo_labels.generation import (
     GenerationResult,
     ProcessGroup,
     autocast_dtype_for,
     generate_pseudo_labels,
     read_finished_generation,
 )
-from uda_sam.sam_io import load_network_weights  # re-exported: the teacher is read with it
 
 __all__ = ["PseudoLabelRegeneration", "load_network_weights"]
 

@@ -12,16 +12,17 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from uda_sam.checks import check_choice
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, NUM_CLASSES
-from uda_sam.metrics import SegmentationMetrics, format_iou_table
-from uda_sam.nn import logit_norm, segmentation_loss
-from uda_sam.tasks.media import (
+from uda_sam.evaluation.metrics import SegmentationMetrics, format_iou_table
+from uda_sam.media import (
     ValidationExample,
     find_wandb_logger,
     log_examples,
     log_iou_table,
     make_example,
 )
+from uda_sam.nn import logit_norm, segmentation_loss
 from uda_sam.tasks.optim import (
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -32,7 +33,7 @@ from uda_sam.tasks.optim import (
     trainable_param_groups,
 )
 
-__all__ = ["ClassSubset", "SegmentationTask", "check_choice"]
+__all__ = ["ClassSubset", "SegmentationTask"]
 
 ClassSubset = Literal["19", "16", "13"]
 _NETWORK_API = ("num_classes", "upsample_logits", "param_groups")
@@ -50,12 +51,6 @@ def _set_random_state(state: dict[str, Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming ``option`` and its ``choices`` when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{option} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_positive(option: str, value: float, allow_zero: bool = False) -> None:

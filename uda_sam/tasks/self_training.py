@@ -7,10 +7,11 @@ from typing import Any, Literal, get_args
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from uda_sam.checks import check_choice
 from uda_sam.nn import SelfAttentionModule, self_attention_loss
 from uda_sam.nn.losses import SelfAttentionDistance, SelfAttentionTarget
-from uda_sam.sam_io import attention_warning, load_sam, read_attention_quality, sam_config
-from uda_sam.tasks.base import SegmentationTask, check_choice
+from uda_sam.nn.sam_io import attention_warning, load_sam, read_attention_quality, sam_config
+from uda_sam.tasks.base import SegmentationTask
 
 __all__ = ["SelfTraining"]
 
