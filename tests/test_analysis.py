@@ -19,10 +19,12 @@ from uda_sam.data.labels import CLASS_NAMES
 from uda_sam.evaluation.analysis import (
     EntropyAnalysis,
     attention_maps,
+    attention_maps_from_logits,
     denormalize,
     entropy_by_correctness,
     jet_colormap,
     label_similarity,
+    logits_and_refined,
     most_confident_pixel,
     overlay,
     pixel_similarity,
@@ -311,3 +313,20 @@ def test_attention_visualization_rejects_unknown_class() -> None:
         AttentionVisualization(classes=["road", "spaceship"])
     with pytest.raises(ValueError, match="every_n_steps"):
         EntropyAnalysisCallback(every_n_steps=0)
+
+
+def test_attention_visualization_runs_network_and_sam_once_per_image() -> None:
+    task = _Task()
+    calls = {"network": 0, "sam": 0}
+    task.network.register_forward_hook(lambda *_: calls.__setitem__("network", calls["network"] + 1))
+    task.sam.register_forward_hook(lambda *_: calls.__setitem__("sam", calls["sam"] + 1))
+    dataset = _RandomSegmentation(2, 4)
+    samples = [dataset[0], dataset[1]]
+    figures = AttentionVisualization(classes=["road", "car"], num_images=2).draw(task, samples)
+    assert calls == {"network": 2, "sam": 2}  # one pass per image for the maps and the similarity matrices
+    assert sorted(figures) == ["attention/car", "attention/road", "attention/similarity"]
+    assert all(len(images) == 2 for images, _ in figures.values())
+    # The maps equal those of attention_maps, which runs the network itself.
+    expected = attention_maps(task.network, samples[0]["image"], ["road"], sam=task.sam)
+    logits, refined = logits_and_refined(task.network, samples[0]["image"], sam=task.sam)
+    assert expected["road"]["pixel"] == attention_maps_from_logits(logits, ["road"], refined)["road"]["pixel"]

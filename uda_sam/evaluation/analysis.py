@@ -36,11 +36,13 @@ __all__ = [
     "AttentionQuality",
     "EntropyAnalysis",
     "attention_maps",
+    "attention_maps_from_logits",
     "denormalize",
     "entropy_by_correctness",
     "eval_mode",
     "jet_colormap",
     "label_similarity",
+    "logits_and_refined",
     "measure_attention_quality",
     "most_confident_pixel",
     "overlay",
@@ -302,6 +304,55 @@ def _image_batch(image: Tensor, network: nn.Module) -> Tensor:
     return image
 
 
+def logits_and_refined(
+    network: nn.Module, image: Tensor, sam: nn.Module | None = None, skip_connection: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """One pass of ``network`` (and ``sam``) over one image: the logits ``P`` and ``P~``, each ``(C, h, w)`` float32.
+
+    Runs in eval mode without gradients (the modules' modes are restored). ``P~ = P + SAM(P)`` (or ``SAM(P)`` with
+    ``skip_connection=False``); it is ``None`` without ``sam``.
+
+    Raises:
+        ValueError: On a bad image shape or a ``sam`` built for another channel count.
+    """
+    batch = _image_batch(image, network)
+    with eval_mode(network, sam), torch.no_grad():
+        logits = network(batch)
+        refined = None
+        if sam is not None:
+            sam_channels = getattr(sam, "num_classes", logits.shape[1])
+            if sam_channels != logits.shape[1]:
+                raise ValueError(
+                    f"sam works on {sam_channels} channels but the logits have {logits.shape[1]}; "
+                    "attention maps need a SAM over the prediction layer"
+                )
+            attended = sam(logits)
+            refined = (logits + attended if skip_connection else attended)[0].float()
+    return logits[0].float(), refined
+
+
+def attention_maps_from_logits(
+    logits: Tensor, classes: Sequence[str | int], refined: Tensor | None = None
+) -> dict[str, dict[str, Any]]:
+    """:func:`attention_maps` for logits already computed (:func:`logits_and_refined`): no network pass.
+
+    Args:
+        logits: ``P``, ``(C, h, w)``.
+        classes: Class names (``CLASS_NAMES``) or trainIds.
+        refined: ``P~`` of the same shape, or ``None``.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    for index in resolve_classes(classes):
+        pixel = most_confident_pixel(logits, index, is_probs=False)
+        entry: dict[str, Any] = {"pixel": pixel, "logits": None, "after_sam": None}
+        if pixel is not None:
+            entry["logits"] = similarity_map(logits, pixel).cpu().numpy()
+            if refined is not None:
+                entry["after_sam"] = similarity_map(refined, pixel).cpu().numpy()
+        result[CLASS_NAMES[index]] = entry
+    return result
+
+
 def attention_maps(
     network: nn.Module,
     image: Tensor,
@@ -311,9 +362,10 @@ def attention_maps(
 ) -> dict[str, dict[str, Any]]:
     """Fig. 3: per class, the most confident pixel and its similarity map for ``P`` and for ``P~``.
 
-    Runs ``network`` (and ``sam``) in eval mode without gradients (their modes are restored). The pixel is chosen on
-    ``P`` (:func:`most_confident_pixel`) and the same pixel is used for ``P~ = P + SAM(P)`` (or ``SAM(P)`` with
-    ``skip_connection=False``), so both maps show how the same location relates to the rest of the image.
+    Runs ``network`` (and ``sam``) once, in eval mode without gradients (their modes are restored). The pixel is
+    chosen on ``P`` (:func:`most_confident_pixel`) and the same pixel is used for ``P~ = P + SAM(P)`` (or
+    ``SAM(P)`` with ``skip_connection=False``), so both maps show how the same location relates to the rest of the
+    image.
 
     Args:
         network: Segmentation network whose ``forward`` returns pre-upsample logits ``(1, C, h, w)``.
@@ -330,31 +382,9 @@ def attention_maps(
     Raises:
         ValueError: On a bad image shape, an unknown class, or a ``sam`` built for another channel count.
     """
-    indices = resolve_classes(classes)
-    batch = _image_batch(image, network)
-    with eval_mode(network, sam), torch.no_grad():
-        logits = network(batch)
-        refined = None
-        if sam is not None:
-            sam_channels = getattr(sam, "num_classes", logits.shape[1])
-            if sam_channels != logits.shape[1]:
-                raise ValueError(
-                    f"sam works on {sam_channels} channels but the logits have {logits.shape[1]}; "
-                    "attention maps need a SAM over the prediction layer"
-                )
-            attended = sam(logits)
-            refined = (logits + attended if skip_connection else attended)[0].float()
-    logits = logits[0].float()
-    result: dict[str, dict[str, Any]] = {}
-    for index in indices:
-        pixel = most_confident_pixel(logits, index, is_probs=False)
-        entry: dict[str, Any] = {"pixel": pixel, "logits": None, "after_sam": None}
-        if pixel is not None:
-            entry["logits"] = similarity_map(logits, pixel).cpu().numpy()
-            if refined is not None:
-                entry["after_sam"] = similarity_map(refined, pixel).cpu().numpy()
-        result[CLASS_NAMES[index]] = entry
-    return result
+    resolve_classes(classes)  # an unknown class fails before the network runs
+    logits, refined = logits_and_refined(network, image, sam, skip_connection)
+    return attention_maps_from_logits(logits, classes, refined)
 
 
 # ------------------------------------------------------------------------------ pixel similarity (eq. 13, Fig. E.4)

@@ -30,7 +30,59 @@ __all__ = [
     "format_iou_table",
     "iou_from_confusion",
     "mean_iou",
+    "pair_counts",
 ]
+
+
+def _check_pair(preds: Tensor, target: Tensor) -> None:
+    if preds.shape != target.shape:
+        raise ValueError(
+            f"preds and target must have the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}"
+        )
+    if preds.is_floating_point() or target.is_floating_point():
+        raise ValueError(
+            "preds and target must be integer class maps (pass logits as (B, C, H, W) to SegmentationMetrics)"
+        )
+
+
+def _invalid_target_error(num_classes: int, ignore_index: int, detail: str) -> ValueError:
+    return ValueError(
+        f"target holds values outside 0..{num_classes - 1} and the ignore index {ignore_index}: {detail}"
+    )
+
+
+def _check_at_once(target: Tensor) -> bool:
+    """Whether :meth:`SegmentationMetrics.update` checks the target itself: on the CPU reading the count costs no
+    device synchronisation; elsewhere :meth:`SegmentationMetrics.compute` checks the summed count once."""
+    return target.device.type == "cpu"
+
+
+def _target_range(target: Tensor, ignore_index: int) -> str:
+    labelled = target[target != ignore_index]
+    return f"min {int(labelled.min())}, max {int(labelled.max())}"
+
+
+def pair_counts(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """All the counts of one batch in one int64 ``(C * C + C + 2,)`` tensor, without a device synchronisation.
+
+    Entries: the ``(C, C)`` confusion matrix (row-major, rows ground truth), then the ``C`` unmatched counts
+    (labelled pixels predicted outside ``0..C-1``), then the unlabelled pixels, then the pixels whose ground truth
+    is neither a class nor ``ignore_index``. Every pixel adds to one fixed-size bin (``scatter_add_``): no boolean
+    indexing and no ``bincount``, whose output sizes need the data on the host.
+    """
+    target = target.reshape(-1).long()
+    preds = preds.reshape(-1).to(target.device).long()
+    pairs = num_classes * num_classes
+    labelled = target != ignore_index
+    known = labelled & (target >= 0) & (target < num_classes)
+    predicted = (preds >= 0) & (preds < num_classes)
+    index = torch.where(
+        known,
+        torch.where(predicted, target * num_classes + preds, pairs + target),
+        torch.where(labelled, pairs + num_classes + 1, pairs + num_classes),
+    )
+    counts = torch.zeros(pairs + num_classes + 2, dtype=torch.long, device=target.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))
 
 
 def confusion_from_labels(
@@ -52,33 +104,15 @@ def confusion_from_labels(
 
     Raises:
         ValueError: If the shapes differ, a tensor is not integer, or ``target`` holds a value that is neither a
-            class nor ``ignore_index``.
+            class nor ``ignore_index`` (this check reads one number from the device; :class:`SegmentationMetrics`
+            makes it at :meth:`~SegmentationMetrics.compute` instead, for tensors on an accelerator).
     """
-    if preds.shape != target.shape:
-        raise ValueError(
-            f"preds and target must have the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}"
-        )
-    if preds.is_floating_point() or target.is_floating_point():
-        raise ValueError(
-            "preds and target must be integer class maps (pass logits as (B, C, H, W) to SegmentationMetrics)"
-        )
-    target = target.reshape(-1).long()
-    preds = preds.reshape(-1).to(target.device).long()
-    labelled = target != ignore_index
-    target = target[labelled]
-    preds = preds[labelled]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(
-            f"target holds values outside 0..{num_classes - 1} and the ignore index {ignore_index}: "
-            f"min {int(target.min())}, max {int(target.max())}"
-        )
-    in_range = (preds >= 0) & (preds < num_classes)
-    # One bincount over the flattened (gt, pred) pair index keeps this a single vectorised pass on any device.
-    confusion = torch.bincount(
-        target[in_range] * num_classes + preds[in_range], minlength=num_classes * num_classes
-    )
-    unmatched = torch.bincount(target[~in_range], minlength=num_classes)
-    return confusion.view(num_classes, num_classes), unmatched
+    _check_pair(preds, target)
+    counts = pair_counts(preds, target, num_classes, ignore_index)
+    pairs = num_classes * num_classes
+    if int(counts[-1]):
+        raise _invalid_target_error(num_classes, ignore_index, _target_range(target, ignore_index))
+    return counts[:pairs].view(num_classes, num_classes), counts[pairs : pairs + num_classes]
 
 
 def iou_from_confusion(confusion: Tensor, unmatched: Tensor | None = None) -> Tensor:
@@ -149,6 +183,7 @@ class SegmentationMetrics(Metric):
 
     confusion: Tensor
     unmatched: Tensor
+    invalid: Tensor
 
     def __init__(
         self,
@@ -176,6 +211,8 @@ class SegmentationMetrics(Metric):
             "confusion", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
         )
         self.add_state("unmatched", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        # Ground-truth pixels that are neither a class nor ignore_index: compute() refuses to score them.
+        self.add_state("invalid", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch.
@@ -196,9 +233,17 @@ class SegmentationMetrics(Metric):
             preds = preds.argmax(dim=1)
         if target.ndim != 3:
             raise ValueError(f"target must have shape (B, H, W), got {tuple(target.shape)}")
-        confusion, unmatched = confusion_from_labels(preds, target, self.num_classes, self.ignore_index)
-        self.confusion += confusion.to(self.confusion.device)
-        self.unmatched += unmatched.to(self.unmatched.device)
+        _check_pair(preds, target)
+        counts = pair_counts(preds, target, self.num_classes, self.ignore_index)
+        if _check_at_once(target) and int(counts[-1]):
+            raise _invalid_target_error(
+                self.num_classes, self.ignore_index, _target_range(target, self.ignore_index)
+            )
+        counts = counts.to(self.confusion.device)
+        pairs, classes = self.num_classes * self.num_classes, self.num_classes
+        self.confusion += counts[:pairs].view(classes, classes)
+        self.unmatched += counts[pairs : pairs + classes]
+        self.invalid += counts[-1]
 
     def compute(self) -> dict[str, Tensor]:
         """Scores of everything added since the last reset.
@@ -206,7 +251,15 @@ class SegmentationMetrics(Metric):
         Returns:
             ``{"iou": (C,) float32 IoU (NaN where undefined), "mIoU_<subset>": scalar float32 for each subset,
             "confusion": (C, C) int64}``.
+
+        Raises:
+            ValueError: When a target added on an accelerator held values that are neither a class nor
+                ``ignore_index`` (targets on the CPU are refused by :meth:`update` already).
         """
+        if int(self.invalid):
+            raise _invalid_target_error(
+                self.num_classes, self.ignore_index, f"{int(self.invalid)} such pixels were added"
+            )
         iou = iou_from_confusion(self.confusion, self.unmatched)
         result: dict[str, Tensor] = {"iou": iou.float()}
         for name, classes in self.class_subsets.items():
