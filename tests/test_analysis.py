@@ -239,13 +239,14 @@ class _Task(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def _fit(tmp_path: Path, logger: object, callbacks: list) -> pl.Trainer:
+def _fit(tmp_path: Path, logger: object, callbacks: list, val_check_interval: int | None = None) -> pl.Trainer:
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         logger=logger,
         callbacks=callbacks,
         max_steps=4,
         limit_val_batches=1,
+        val_check_interval=val_check_interval,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -260,7 +261,7 @@ def _fit(tmp_path: Path, logger: object, callbacks: list) -> pl.Trainer:
 def test_callbacks_write_csv_and_pngs(tmp_path: Path) -> None:
     entropy = EntropyAnalysisCallback(every_n_steps=2, max_images=2)
     attention = AttentionVisualization(classes=["road", "car"], num_images=1)
-    _fit(tmp_path, CSVLogger(tmp_path, name="run"), [entropy, attention])
+    _fit(tmp_path, CSVLogger(tmp_path, name="run"), [entropy, attention], val_check_interval=2)
     log_dir = tmp_path / "run" / "version_0"
     with (log_dir / "entropy.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -284,6 +285,7 @@ def test_callbacks_without_logger_and_with_wandb(tmp_path: Path, monkeypatch: py
             EntropyAnalysisCallback(every_n_steps=3, output_csv=str(csv_path), max_images=1),
             AttentionVisualization(every_n_steps=2, classes=["sky"], num_images=1, log_similarity=False),
         ],
+        val_check_interval=1,  # step 3's validation pass is analysed; step 4 (not due) by a pass at the end
     )
     assert [row.split(",")[0] for row in csv_path.read_text().splitlines()] == ["step", "3", "4"]
     assert (tmp_path / "plain" / "attention" / "step_2" / "sky_0_city_img_0.png").is_file()
@@ -330,3 +332,52 @@ def test_attention_visualization_runs_network_and_sam_once_per_image() -> None:
     expected = attention_maps(task.network, samples[0]["image"], ["road"], sam=task.sam)
     logits, refined = logits_and_refined(task.network, samples[0]["image"], sam=task.sam)
     assert expected["road"]["pixel"] == attention_maps_from_logits(logits, ["road"], refined)["road"]["pixel"]
+
+
+
+class _CountingNet(torch.nn.Module):
+    """Wraps a network and counts its forward calls."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = network
+        self.num_classes = network.num_classes
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x, **kwargs)
+
+    def upsample_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.inner.upsample_logits(logits, size)
+
+    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list:
+        return self.inner.param_groups(lr, classifier_lr_mult)
+
+
+def test_entropy_analysis_reads_the_validation_logits(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    """No pass of its own during training: the network runs once per validation batch, and the figures equal
+    those of a pass of the callback's own over the same images at the same weights."""
+    from uda_sam.tasks import SelfTraining
+
+    network = _CountingNet(tiny_network())
+    task = SelfTraining(network=network, lambda_sa=0.0, use_target=False, lr=1e-3, num_val_images_logged=0)
+    callback = EntropyAnalysisCallback(every_n_steps=2, output_csv=str(tmp_path / "entropy.csv"))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=[callback], max_steps=4, val_check_interval=2,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    datamodule = toy_datamodule()
+    trainer.fit(task, datamodule=datamodule)
+    val_batches = len(datamodule.val_dataloader())
+    assert network.calls == 4 + 2 * val_batches  # 4 training steps (source only) and two validation passes
+    rows = list(csv.DictReader((tmp_path / "entropy.csv").open()))
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    own = callback.analyse(trainer, task)
+    assert own is not None
+    expected = own.compute()
+    assert int(rows[-1]["num_images"]) == expected["num_images"] == len(datamodule.val_dataset)
+    assert float(rows[-1]["entropy_incorrect"]) == pytest.approx(expected["entropy_incorrect"], abs=1e-6)
+    if not math.isnan(expected["entropy_correct"]):
+        assert float(rows[-1]["entropy_correct"]) == pytest.approx(expected["entropy_correct"], abs=1e-6)

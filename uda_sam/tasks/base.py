@@ -336,18 +336,27 @@ class SegmentationTask(LightningModule):
             _set_random_state(state["rng"])
 
     # ---------------------------------------------------------------------------------- evaluation
-    def _evaluate_batch(self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str) -> Tensor:
+    def _evaluate_batch(
+        self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str
+    ) -> tuple[Tensor, Tensor]:
         image, mask = batch["image"], batch["mask"]
-        logits = self.network.upsample_logits(self(image), tuple(mask.shape[-2:]))
+        # Upsampled in float32 (a no-op at 32-bit precision): the scores, the loss and the analyses that read
+        # these logits (EntropyAnalysisCallback) see exact probabilities.
+        logits = self.network.upsample_logits(self(image).float(), tuple(mask.shape[-2:]))
         preds = logits.argmax(dim=1)
         metrics.update(preds, mask)
         self.eval_losses[stage].update(segmentation_loss(logits, mask), weight=len(image))
         self.log(f"{stage}/loss", self.eval_losses[stage], on_step=False, on_epoch=True)
-        return preds
+        return logits, preds
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Accumulate the confusion matrix (and keep a few images for W&B on rank 0)."""
-        preds = self._evaluate_batch(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulate the confusion matrix (and keep a few images for W&B on rank 0).
+
+        Returns:
+            ``{"logits": (B, C, H, W) float32 logits at the mask size, "preds": (B, H, W)}``, for callbacks'
+            ``on_validation_batch_end`` (e.g. :class:`~uda_sam.callbacks.EntropyAnalysisCallback`).
+        """
+        logits, preds = self._evaluate_batch(batch, self.val_metrics, "val")
         if self._keep_examples():
             normalization = getattr(self.trainer.datamodule, "normalization", "imagenet")
             for i in range(len(preds)):
@@ -358,6 +367,7 @@ class SegmentationTask(LightningModule):
                         batch["name"][i], batch["image"][i], batch["mask"][i], preds[i], normalization
                     )
                 )
+        return {"logits": logits, "preds": preds}
 
     def _keep_examples(self) -> bool:
         return (
