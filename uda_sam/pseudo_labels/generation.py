@@ -47,6 +47,7 @@ from uda_sam.data.labels import CLASS_NAMES, IGNORE_INDEX
 from uda_sam.pseudo_labels.thresholds import (
     ClasswiseThresholdEstimator,
     PseudoLabelStatistics,
+    all_reduce_sum,
     save_label_png,
 )
 
@@ -107,15 +108,10 @@ class ProcessGroup:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return cls(device=device or torch.device("cpu"))
 
-        def reduce_sum(tensor: Tensor) -> Tensor:
-            tensor = tensor.clone()
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-            return tensor
-
         return cls(
             rank=torch.distributed.get_rank(),
             world_size=torch.distributed.get_world_size(),
-            reduce_sum=reduce_sum,
+            reduce_sum=all_reduce_sum,
             barrier=torch.distributed.barrier,
             device=device or torch.device("cpu"),
         )
@@ -349,7 +345,7 @@ def generate_pseudo_labels(
     finally:
         network.train(was_training)
 
-    estimator.histogram = group.reduce_sum(estimator.histogram.to(group.device)).cpu()
+    estimator.sync(group.reduce_sum, group.device)
     thresholds = estimator.compute()
     statistics = _write_labels(cached, thresholds, num_classes, num_bins, tmp_dir, group)
     group.barrier()
@@ -509,8 +505,7 @@ def _write_labels(
             gt_tensor = torch.from_numpy(gt.astype(np.int64))
             has_gt = bool((gt_tensor != IGNORE_INDEX).any())
             stats.update(torch.from_numpy(labels.astype(np.int64)), gt_tensor if has_gt else None)
-    stats.counts = group.reduce_sum(stats.counts.to(group.device)).cpu()
-    stats.total_pixels = group.reduce_sum(stats.total_pixels.to(group.device)).cpu()
+    stats.sync(group.reduce_sum, group.device)
     per_class = stats.as_records(thresholds, CLASS_NAMES[:num_classes])
     summary = stats.compute()
     evaluated = int(summary["evaluated"].sum())
