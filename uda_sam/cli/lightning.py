@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import uda_sam.callbacks  # noqa: F401  (registers the callbacks for short class names in configs)
+from uda_sam.cli.console import quiet_console
 from uda_sam.data import UDADataModule
 from uda_sam.tasks import SegmentationTask
 
@@ -107,16 +108,36 @@ def refuse_earlier_run(trainer: Trainer, model: Any, ckpt_path: str | None) -> N
     )
 
 
+def _wandb_loggers(trainer_config: Any) -> list[Any]:
+    if trainer_config is None:
+        return []
+    loggers = trainer_config.get("logger")
+    return [
+        logger
+        for logger in (loggers if isinstance(loggers, list) else [loggers])
+        if str(getattr(logger, "class_path", "")).endswith("WandbLogger")
+    ]
+
+
+def _quiet_wandb(trainer_config: Any) -> None:
+    """Make each W&B logger's run folder before wandb starts (see the comment below)."""
+    for logger in _wandb_loggers(trainer_config):
+        init_args = logger.get("init_args") or {}
+        # wandb looks for the git repository from the run folder and warns "git root ... does not exist" when
+        # the folder is not there yet: make it, so that the run records the repository's commit instead.
+        save_dir = init_args.get("save_dir") or init_args.get("dir")
+        if save_dir:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+
+
 def _respect_wandb_disabled(trainer_config: Any) -> None:
     """``WANDB_MODE=disabled`` wins over ``offline: true`` (Lightning's WandbLogger would set the mode to offline)."""
-    if os.environ.get("WANDB_MODE", "").lower() != "disabled" or trainer_config is None:
+    if os.environ.get("WANDB_MODE", "").lower() != "disabled":
         return
-    loggers = trainer_config.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
-            logger.init_args.offline = False
-            # Passed on to wandb.init, which otherwise may keep a mode read earlier in this process.
-            logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "mode": "disabled"}
+    for logger in _wandb_loggers(trainer_config):
+        logger.init_args.offline = False
+        # Passed on to wandb.init, which otherwise may keep a mode read earlier in this process.
+        logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "mode": "disabled"}
 
 
 def discard_offline_wandb_run(logger: Any) -> None:
@@ -187,11 +208,14 @@ class UDASamCLI(LightningCLI):
                 "module. Run `uda-sam <subcommand> --help` for every option of a subcommand.",
             },
         )
+        quiet_console()
         super().__init__(args=list(args) if args is not None else None, run=run, **kwargs)  # type: ignore[arg-type]
 
     def before_instantiate_classes(self) -> None:
-        """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline."""
-        _respect_wandb_disabled(self._get(self.config, "trainer"))
+        """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline; make their run folders."""
+        trainer_config = self._get(self.config, "trainer")
+        _quiet_wandb(trainer_config)
+        _respect_wandb_disabled(trainer_config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, with :class:`DiscardFailedStart`."""

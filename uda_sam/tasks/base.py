@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -334,6 +336,31 @@ class SegmentationTask(LightningModule):
         self.schedule_steps = state.get("schedule_steps", self.schedule_steps)
         if "rng" in state:
             _set_random_state(state["rng"])
+
+    # ------------------------------------------------------------------------------- eval-mode modules
+    def kept_in_eval(self) -> list[nn.Module]:
+        """The modules this task keeps in eval mode on purpose while it trains.
+
+        Those the network's own ``train()`` keeps there (e.g. the frozen BatchNorm of a DeepLabV2 with
+        ``freeze_bn``); subclasses add theirs (the frozen SAM of :class:`~uda_sam.tasks.SelfTraining`).
+        """
+        if not self.network.training:
+            return []
+        return [module for module in self.network.modules() if not module.training]
+
+    def on_fit_start(self) -> None:
+        """Keep Lightning's "module(s) in eval mode" warning for modules in eval mode by mistake only."""
+        kept = self.kept_in_eval()
+        in_eval = [module for module in self.modules() if not module.training]
+        if kept and len(in_eval) == len(kept):
+            # Lightning's fit loop warns, when training starts, about every module in eval mode at that moment.
+            # Here all of them are kept in eval on purpose (frozen BatchNorm, the frozen SAM): nothing to do for
+            # the user. The filter matches this count only: any other module left in eval still warns.
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"Found {len(kept)} module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+            )
 
     # ---------------------------------------------------------------------------------- evaluation
     def _evaluate_batch(

@@ -152,6 +152,10 @@ class SelfTraining(SegmentationTask):
     def _frozen_sams(self) -> list[SelfAttentionModule]:
         return [sam for sam in (self.sam, self.feature_sam) if sam is not None]
 
+    def kept_in_eval(self) -> list[nn.Module]:
+        """The network's modules kept in eval mode and the frozen SAMs' (see ``SegmentationTask``)."""
+        return super().kept_in_eval() + [module for sam in self._frozen_sams() for module in sam.modules()]
+
     def train(self, mode: bool = True) -> SelfTraining:
         """Set the train/eval mode of the network; the frozen SAMs always stay in eval mode."""
         super().train(mode)
