@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
+from timing import synchronize  # benchmarks/timing.py
 
 try:
     from uda_sam.pseudo_labels.thresholds import (
@@ -52,11 +53,6 @@ except ModuleNotFoundError:  # running from a source checkout without installing
 
 NUM_CLASSES = 19
 BatchFactory = Callable[[], Iterable[tuple[torch.Tensor, list[str]]]]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def max_rss_mib() -> float:

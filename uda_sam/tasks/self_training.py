@@ -185,8 +185,14 @@ class SelfTraining(SegmentationTask):
             return logits, features
         return self.network(image), None
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """One step of (10) / (11); every term is logged separately."""
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """The objective (10) / (11) of one batch, without logging (usable outside a ``Trainer``).
+
+        Returns:
+            ``(total, terms, logits)``: the total loss, each term by its name (``loss_seg_source``,
+            ``loss_seg_target``, ``loss_sa_target``, ``loss_sa_source``), and the logits whose scale is logged
+            (the target's when the step computes them, else the source's).
+        """
         source, target = self.split_batch(batch)
         terms: dict[str, Tensor] = {}
         logits_s = features_s = logits_t = None
@@ -212,6 +218,12 @@ class SelfTraining(SegmentationTask):
             total = total + self.lambda_sa * sum(attention)
         # The target logits when the step computes them (the ones the pseudo labels and L_sa(t) act on).
         watched = logits_t if logits_t is not None else logits_s
+        return total, terms, watched
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One step of (10) / (11) (:meth:`compute_losses`); every term is logged separately."""
+        total, terms, watched = self.compute_losses(batch)
+        source, _ = self.split_batch(batch)
         self.log_losses(total, terms, batch_size=len(source["image"]), logits=watched)
         return total
 
