@@ -239,7 +239,9 @@ class _Task(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def _fit(tmp_path: Path, logger: object, callbacks: list, val_check_interval: int | None = None) -> pl.Trainer:
+def _fit(
+    tmp_path: Path, logger: object, callbacks: list, val_check_interval: int | None = None
+) -> pl.Trainer:
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         logger=logger,
@@ -334,7 +336,6 @@ def test_attention_visualization_runs_network_and_sam_once_per_image() -> None:
     assert expected["road"]["pixel"] == attention_maps_from_logits(logits, ["road"], refined)["road"]["pixel"]
 
 
-
 class _CountingNet(torch.nn.Module):
     """Wraps a network and counts its forward calls."""
 
@@ -364,9 +365,18 @@ def test_entropy_analysis_reads_the_validation_logits(tmp_path: Path, tiny_netwo
     task = SelfTraining(network=network, lambda_sa=0.0, use_target=False, lr=1e-3, num_val_images_logged=0)
     callback = EntropyAnalysisCallback(every_n_steps=2, output_csv=str(tmp_path / "entropy.csv"))
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, logger=False, callbacks=[callback], max_steps=4, val_check_interval=2,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[callback],
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     datamodule = toy_datamodule()
     trainer.fit(task, datamodule=datamodule)
