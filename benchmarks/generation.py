@@ -27,17 +27,13 @@ from pathlib import Path
 
 import torch
 from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
+from timing import synchronize  # benchmarks/timing.py
 from torch.utils.data import DataLoader
 
 from uda_sam.data import Cityscapes
 from uda_sam.data.toy import make_toy_data
-from uda_sam.generation import generate_pseudo_labels
 from uda_sam.nn import DeepLabV2
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 
 
 def measure(args: argparse.Namespace, num_images: int) -> dict[str, float]:
@@ -59,7 +55,7 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, float]:
             for batch in loader:
                 logits = network(batch["image"].to(device, non_blocking=True))
                 network.upsample_logits(logits, tuple(batch["mask"].shape[-2:])).float().softmax(1).argmax(1).cpu()
-        _sync(device)
+        synchronize(device)
         plain = num_images / (time.perf_counter() - start)
 
         start = time.perf_counter()
@@ -67,7 +63,7 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, float]:
             network, dataset, Path(tmp) / "labels", batch_size=args.batch_size, num_workers=args.num_workers,
             device=device, autocast_dtype=dtype, progress=False,
         )
-        _sync(device)
+        synchronize(device)
         generation = num_images / (time.perf_counter() - start)
         rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
     return {"images": num_images, "plain": plain, "generation": generation, "rss_growth_mib": rss_growth}

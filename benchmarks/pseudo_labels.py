@@ -35,20 +35,24 @@ from pathlib import Path
 
 import torch
 from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
+from timing import synchronize  # benchmarks/timing.py
 
 try:
-    from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels, save_label_png
+    from uda_sam.pseudo_labels.thresholds import (
+        ClasswiseThresholdEstimator,
+        make_pseudo_labels,
+        save_label_png,
+    )
 except ModuleNotFoundError:  # running from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels, save_label_png
+    from uda_sam.pseudo_labels.thresholds import (
+        ClasswiseThresholdEstimator,
+        make_pseudo_labels,
+        save_label_png,
+    )
 
 NUM_CLASSES = 19
 BatchFactory = Callable[[], Iterable[tuple[torch.Tensor, list[str]]]]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def max_rss_mib() -> float:

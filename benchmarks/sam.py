@@ -30,11 +30,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from timing import timed  # benchmarks/timing.py
 
 try:
     from uda_sam.nn import SelfAttentionModule
@@ -83,15 +83,10 @@ def run_config(
                     "threads": torch.get_num_threads()}  # fmt: skip
 
     def step() -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        sam(logits).backward(upstream)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        seconds = timed(lambda: sam(logits).backward(upstream), dev)
         logits.grad = None
         sam.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return seconds
 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -19,7 +19,7 @@ import torch
 
 from uda_sam.data import Cityscapes
 from uda_sam.nn import DeepLabV2
-from uda_sam.sam_io import load_network_weights
+from uda_sam.nn.sam_io import load_network_weights
 from uda_sam.tasks import load_sam
 
 

@@ -6,7 +6,8 @@ frozen SAM (``lambda = 0.1``), SGD (momentum 0.9, weight decay 5e-4, lr 2.5e-4, 
 built from the package's parameter groups, and the poly schedule stepped every iteration. Variants
 (``--variants``):
 
-- ``plain-<prec>``: the same network, optimiser and losses in a loop written here (``torch.autocast`` for bf16);
+- ``plain-<prec>``: the same network, optimiser and losses (``SelfTraining.compute_losses``) in a loop written
+  here instead of ``Trainer`` (``torch.autocast`` for bf16);
 - ``lightning-<prec>``: :class:`uda_sam.tasks.SelfTraining` through ``lightning.Trainer`` (``precision="32-true"``
   or ``"bf16-mixed"``; no logger, checkpointing, validation nor progress bar), timed by a callback;
 - ``...-nosam``: the same with ``lambda = 0`` (the SAM is neither built nor run): the SAM's share of the step;
@@ -46,7 +47,6 @@ import argparse
 import copy
 import gc
 import logging
-import os
 import re
 import statistics
 import sys
@@ -72,9 +72,11 @@ except ImportError:  # running from a checkout without installing the package
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from timing import SyncCounter, synchronized_time  # benchmarks/timing.py
 
-from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss, self_attention_loss
-from uda_sam.sam_io import load_sam, save_sam
+from uda_sam.cli.console import quiet_console
+from uda_sam.nn import DeepLabV2, SelfAttentionModule
+from uda_sam.nn.sam_io import save_sam
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import build_optimizer, lr_factor, trainable_param_groups
 
@@ -181,11 +183,6 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------- setup helpers
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def blocky_labels(height: int, width: int, generator: torch.Generator, cell: int = 32) -> Tensor:
     """``(1, H, W)`` int64 labels, constant over ``cell x cell`` blocks (segments rather than per-pixel noise)."""
     coarse = torch.randint(0, NUM_CLASSES, (1, 1, -(-height // cell), -(-width // cell)), generator=generator)
@@ -247,38 +244,6 @@ def prepare_random_network(
     network.train()  # DeepLabV2.train puts the frozen BatchNorm layers back in eval mode
 
 
-class SyncCounter:
-    """Collect the ``torch.cuda.set_sync_debug_mode("warn")`` warnings raised between :meth:`start` and :meth:`stop`."""
-
-    def __init__(self) -> None:
-        self._catcher: warnings.catch_warnings | None = None
-        self._records: list[warnings.WarningMessage] | None = None
-        self.found: Counter = Counter()
-
-    def start(self) -> None:
-        self._catcher = warnings.catch_warnings(record=True)
-        self._records = self._catcher.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-
-    def stop(self) -> None:
-        torch.cuda.set_sync_debug_mode("default")
-        assert self._catcher is not None and self._records is not None
-        self._catcher.__exit__(None, None, None)
-        for record in self._records:
-            if "synchroniz" in str(record.message):
-                path = record.filename.replace(os.sep, "/")
-                if "site-packages/" in path:
-                    path = path.split("site-packages/", 1)[1]
-                else:
-                    for marker in ("/uda_sam/", "/benchmarks/"):
-                        if marker in path:
-                            path = marker[1:] + path.split(marker, 1)[1]
-                            break
-                self.found[f"{path}:{record.lineno}"] += 1
-        self._catcher = self._records = None
-
-
 @dataclass
 class Setup:
     """Everything the variants share."""
@@ -315,35 +280,11 @@ def summarise(
 
 
 # ------------------------------------------------------------------------------------------- plain loop
-def self_training_loss(
-    network: DeepLabV2, sam: SelfAttentionModule | None, batch: dict[str, dict[str, Tensor]], lambda_sa: float
-) -> Tensor:
-    """docs/METHOD.md (10) with the residual target (8), written directly against ``uda_sam.nn``.
-
-    The operations run in the order of ``SelfTraining.training_step``.
-    """
-    source, target = batch["source"], batch["target"]
-    logits_s = network(source["image"])
-    seg_s = segmentation_loss(
-        network.upsample_logits(logits_s, tuple(source["mask"].shape[-2:])), source["mask"]
-    )
-    logits_t = network(target["image"])
-    seg_t = segmentation_loss(
-        network.upsample_logits(logits_t, tuple(target["mask"].shape[-2:])), target["mask"]
-    )
-    if sam is None:
-        return seg_s + seg_t
-    return (
-        seg_s + seg_t + lambda_sa * (self_attention_loss(logits_t, sam) + self_attention_loss(logits_s, sam))
-    )
-
-
-def run_plain(setup: Setup, variant: Variant) -> Result:
+def run_plain(setup: Setup, variant: Variant, root: Path) -> Result:
     device, result = setup.device, Result(variant)
-    network = fresh_network(setup, variant).to(device).train()
-    sam = None
-    if variant.sam:
-        sam = load_sam(setup.sam_path, expected_channels=NUM_CLASSES).to(device).eval().requires_grad_(False)
+    # The task's own objective (SelfTraining.compute_losses), run by this loop instead of a Trainer.
+    task = build_task(setup, variant, root).to(device).train()
+    network = task.network
     groups = trainable_param_groups(network.param_groups(LR, CLASSIFIER_LR_MULT))
     optimizer = build_optimizer(groups, "sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, "poly", total_steps=SCHEDULE_STEPS))
@@ -352,15 +293,13 @@ def run_plain(setup: Setup, variant: Variant) -> Result:
     counter = SyncCounter()
     for index in range(setup.total_steps):
         # The iteration starts with the host-to-device copy; the step window excludes it, as Lightning's hooks do.
-        synchronize(device)
-        copy_starts.append(time.perf_counter())
+        copy_starts.append(synchronized_time(device))
         batch = to_device(setup.batch, device)
-        synchronize(device)
-        starts.append(time.perf_counter())
+        starts.append(synchronized_time(device))
         if index == setup.debug_step:
             counter.start()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = self_training_loss(network, sam, batch, setup.lambda_sa)
+            loss = task.compute_losses(batch)[0]
         # Where Lightning's closure does it: after forward, before backward.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -368,8 +307,7 @@ def run_plain(setup: Setup, variant: Variant) -> Result:
         scheduler.step()
         if index == setup.debug_step:
             counter.stop()
-        synchronize(device)
-        ends.append(time.perf_counter())
+        ends.append(synchronized_time(device))
         losses.append(loss.detach())
     summarise(result, starts, ends, losses, setup)
     timed = range(setup.warmup, setup.warmup + setup.steps)
@@ -405,8 +343,7 @@ class StepTimer(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        synchronize(self.device)
-        self.starts.append(time.perf_counter())
+        self.starts.append(synchronized_time(self.device))
         if batch_idx == self.debug_step:
             self.counter.start()
 
@@ -415,8 +352,7 @@ class StepTimer(Callback):
     ) -> None:
         if batch_idx == self.debug_step:
             self.counter.stop()
-        synchronize(self.device)
-        self.ends.append(time.perf_counter())
+        self.ends.append(synchronized_time(self.device))
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(loss.detach())
 
@@ -471,7 +407,7 @@ def run_variant(setup: Setup, variant: Variant, root: Path) -> Result:
         torch.cuda.reset_peak_memory_stats(device)
     try:
         if variant.runner == "plain":
-            result = run_plain(setup, variant)
+            result = run_plain(setup, variant, root)
         else:
             result = run_lightning(setup, variant, root)
     except torch.cuda.OutOfMemoryError as error:
@@ -727,8 +663,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    quiet_console()  # the package's own filters (Lightning's tips and its LeafSpec deprecation)
+    # Advice about the loaders, the devices and validation that this synthetic, loader-less setup ignores on purpose.
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|GPU available but not used"
-                            r"|Tensor Cores|LightningDataModule|val_dataloader|in eval mode at the start|LeafSpec).*")  # fmt: skip
+                            r"|Tensor Cores|LightningDataModule|val_dataloader).*")  # fmt: skip
 
     info = machine_info(device)
     sync_capture_ok = None

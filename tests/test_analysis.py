@@ -1,4 +1,4 @@
-"""Tests of uda_sam.analysis (eq. 12, eq. 13, Fig. 3, Fig. E.4) and of the entropy/attention callbacks."""
+"""Tests of uda_sam.evaluation.analysis (eq. 12, eq. 13, Fig. 3, Fig. E.4) and of the entropy/attention callbacks."""
 
 from __future__ import annotations
 
@@ -13,13 +13,18 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Dataset
 
-from uda_sam.analysis import (
+from uda_sam.callbacks.attention import AttentionVisualization
+from uda_sam.callbacks.entropy import EntropyAnalysisCallback
+from uda_sam.data.labels import CLASS_NAMES
+from uda_sam.evaluation.analysis import (
     EntropyAnalysis,
     attention_maps,
+    attention_maps_from_logits,
     denormalize,
     entropy_by_correctness,
     jet_colormap,
     label_similarity,
+    logits_and_refined,
     most_confident_pixel,
     overlay,
     pixel_similarity,
@@ -27,9 +32,6 @@ from uda_sam.analysis import (
     similarity_map,
     similarity_matrices,
 )
-from uda_sam.callbacks.attention import AttentionVisualization
-from uda_sam.callbacks.entropy import EntropyAnalysisCallback
-from uda_sam.data.labels import CLASS_NAMES
 from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss
 
 
@@ -237,13 +239,16 @@ class _Task(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def _fit(tmp_path: Path, logger: object, callbacks: list) -> pl.Trainer:
+def _fit(
+    tmp_path: Path, logger: object, callbacks: list, val_check_interval: int | None = None
+) -> pl.Trainer:
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         logger=logger,
         callbacks=callbacks,
         max_steps=4,
         limit_val_batches=1,
+        val_check_interval=val_check_interval,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -258,7 +263,7 @@ def _fit(tmp_path: Path, logger: object, callbacks: list) -> pl.Trainer:
 def test_callbacks_write_csv_and_pngs(tmp_path: Path) -> None:
     entropy = EntropyAnalysisCallback(every_n_steps=2, max_images=2)
     attention = AttentionVisualization(classes=["road", "car"], num_images=1)
-    _fit(tmp_path, CSVLogger(tmp_path, name="run"), [entropy, attention])
+    _fit(tmp_path, CSVLogger(tmp_path, name="run"), [entropy, attention], val_check_interval=2)
     log_dir = tmp_path / "run" / "version_0"
     with (log_dir / "entropy.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -282,6 +287,7 @@ def test_callbacks_without_logger_and_with_wandb(tmp_path: Path, monkeypatch: py
             EntropyAnalysisCallback(every_n_steps=3, output_csv=str(csv_path), max_images=1),
             AttentionVisualization(every_n_steps=2, classes=["sky"], num_images=1, log_similarity=False),
         ],
+        val_check_interval=1,  # step 3's validation pass is analysed; step 4 (not due) by a pass at the end
     )
     assert [row.split(",")[0] for row in csv_path.read_text().splitlines()] == ["step", "3", "4"]
     assert (tmp_path / "plain" / "attention" / "step_2" / "sky_0_city_img_0.png").is_file()
@@ -311,3 +317,77 @@ def test_attention_visualization_rejects_unknown_class() -> None:
         AttentionVisualization(classes=["road", "spaceship"])
     with pytest.raises(ValueError, match="every_n_steps"):
         EntropyAnalysisCallback(every_n_steps=0)
+
+
+def test_attention_visualization_runs_network_and_sam_once_per_image() -> None:
+    task = _Task()
+    calls = {"network": 0, "sam": 0}
+    task.network.register_forward_hook(lambda *_: calls.__setitem__("network", calls["network"] + 1))
+    task.sam.register_forward_hook(lambda *_: calls.__setitem__("sam", calls["sam"] + 1))
+    dataset = _RandomSegmentation(2, 4)
+    samples = [dataset[0], dataset[1]]
+    figures = AttentionVisualization(classes=["road", "car"], num_images=2).draw(task, samples)
+    assert calls == {"network": 2, "sam": 2}  # one pass per image for the maps and the similarity matrices
+    assert sorted(figures) == ["attention/car", "attention/road", "attention/similarity"]
+    assert all(len(images) == 2 for images, _ in figures.values())
+    # The maps equal those of attention_maps, which runs the network itself.
+    expected = attention_maps(task.network, samples[0]["image"], ["road"], sam=task.sam)
+    logits, refined = logits_and_refined(task.network, samples[0]["image"], sam=task.sam)
+    assert expected["road"]["pixel"] == attention_maps_from_logits(logits, ["road"], refined)["road"]["pixel"]
+
+
+class _CountingNet(torch.nn.Module):
+    """Wraps a network and counts its forward calls."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = network
+        self.num_classes = network.num_classes
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x, **kwargs)
+
+    def upsample_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.inner.upsample_logits(logits, size)
+
+    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list:
+        return self.inner.param_groups(lr, classifier_lr_mult)
+
+
+def test_entropy_analysis_reads_the_validation_logits(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+    """No pass of its own during training: the network runs once per validation batch, and the figures equal
+    those of a pass of the callback's own over the same images at the same weights."""
+    from uda_sam.tasks import SelfTraining
+
+    network = _CountingNet(tiny_network())
+    task = SelfTraining(network=network, lambda_sa=0.0, use_target=False, lr=1e-3, num_val_images_logged=0)
+    callback = EntropyAnalysisCallback(every_n_steps=2, output_csv=str(tmp_path / "entropy.csv"))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[callback],
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    datamodule = toy_datamodule()
+    trainer.fit(task, datamodule=datamodule)
+    val_batches = len(datamodule.val_dataloader())
+    assert network.calls == 4 + 2 * val_batches  # 4 training steps (source only) and two validation passes
+    rows = list(csv.DictReader((tmp_path / "entropy.csv").open()))
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    own = callback.analyse(trainer, task)
+    assert own is not None
+    expected = own.compute()
+    assert int(rows[-1]["num_images"]) == expected["num_images"] == len(datamodule.val_dataset)
+    assert float(rows[-1]["entropy_incorrect"]) == pytest.approx(expected["entropy_incorrect"], abs=1e-6)
+    if not math.isnan(expected["entropy_correct"]):
+        assert float(rows[-1]["entropy_correct"]) == pytest.approx(expected["entropy_correct"], abs=1e-6)

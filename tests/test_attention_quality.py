@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from uda_sam.analysis import AttentionQuality
+from uda_sam.evaluation.analysis import AttentionQuality
 from uda_sam.nn import SelfAttentionModule, attention_map
-from uda_sam.sam_io import read_attention_quality, save_sam
+from uda_sam.nn.sam_io import read_attention_quality, save_sam
 from uda_sam.tasks import SAMPretraining, SelfTraining
 
 

@@ -122,6 +122,47 @@ def test_pseudo_label_switching(roots: dict) -> None:
     assert fresh.target_train.pseudo_label_root == tmp / "gen1"
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+def test_one_train_loader_reads_each_switched_folder_in_its_workers(roots: dict, persistent: bool) -> None:
+    """The loader made once keeps its 2 workers (persistent or not); after a switch they read the new labels."""
+    tmp = roots["tmp"]
+    names = sorted(roots["cs"]["train"])
+    gen1 = fake.write_pseudo_labels(tmp / "gen1", names, size=(32, 16), seed=1)
+    gen2 = fake.write_pseudo_labels(tmp / "gen2", names, size=(32, 16), seed=2)
+    assert any(not np.array_equal(gen1[n], gen2[n]) for n in names)
+    dm = make_dm(
+        tmp,
+        pseudo_label_root=str(tmp / "gen1"),
+        num_workers=2,
+        persistent_workers=persistent,
+        batch_size=1,
+        steps_per_epoch=3,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    target = loader.iterables["target"]
+    assert target.num_workers == 2 and target.persistent_workers is persistent
+
+    def epoch_masks(epoch: int) -> dict[str, np.ndarray]:
+        target.sampler.set_epoch(epoch)  # as Lightning does at every epoch start
+        out = {}
+        for batch, _, _ in loader:
+            for name, mask in zip(batch["target"]["name"], batch["target"]["mask"], strict=True):
+                out[name] = mask.numpy()
+        return out
+
+    seen = epoch_masks(0)
+    assert seen.keys() == set(names) and all(np.array_equal(m, gen1[n]) for n, m in seen.items())
+    workers = target._iterator._workers if persistent else None  # the workers that read generation 1
+    dm.set_pseudo_label_root(tmp / "gen2")
+    seen = epoch_masks(1)
+    assert seen.keys() == set(names) and all(np.array_equal(m, gen2[n]) for n, m in seen.items())
+    if persistent:
+        assert target._iterator._workers == workers  # the same processes, not new ones
+    dm.set_pseudo_label_root(None)
+    assert all((m == 255).all() for m in epoch_masks(2).values())
+
+
 def test_missing_pseudo_labels_fail_in_setup(roots: dict) -> None:
     tmp = roots["tmp"]
     fake.write_pseudo_labels(tmp / "partial", sorted(roots["cs"]["train"])[:2], size=(32, 16))

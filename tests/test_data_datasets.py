@@ -359,3 +359,32 @@ def test_transform_random_scale_range() -> None:
         SegmentationTransform(crop_size=(0, 5))
     with pytest.raises(ValueError, match="normalization"):
         SegmentationTransform(normalization="bgr")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("image_size", [(64, 32), (50, 27)])  # twice the training size, and not a multiple of it
+def test_mask_at_the_training_size_is_taken_as_it_is(image_size: tuple[int, int]) -> None:
+    """Pseudo labels stored at the training size: the image alone is resized, the mask is not resized at all."""
+    rng = np.random.default_rng(0)
+    width, height = image_size
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = rng.integers(0, 19, (16, 32), dtype=np.uint8)
+    transform = SegmentationTransform(size=(32, 16))
+    assert transform.takes_mask_at_size(mask.shape, image.shape)
+    assert not transform.takes_mask_at_size((20, 40), image.shape)
+    image_t, mask_t = transform(image, mask)
+    assert np.array_equal(mask_t.numpy(), mask)
+    # The image equals the one resized together with a mask of its own size.
+    full_mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+    reference_image, _ = transform(image, full_mask)
+    assert torch.equal(image_t, reference_image)
+    with pytest.raises(ValueError, match="neither of the image's size"):
+        transform(image, np.zeros((20, 40), dtype=np.uint8))
+    # Augmented: the image and the mask keep moving together (a flip of both or of neither).
+    flipping = SegmentationTransform(size=(32, 16), hflip=True)
+    torch.manual_seed(1)
+    for _ in range(6):
+        image_t, mask_t = flipping(image, mask)
+        plain, _ = transform(image, mask)
+        flipped = torch.equal(image_t, plain.flip(-1))
+        assert flipped or torch.equal(image_t, plain)
+        assert np.array_equal(mask_t.numpy(), mask[:, ::-1] if flipped else mask)

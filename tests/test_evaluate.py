@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from uda_sam.cli.evaluate import main, run_evaluate
 from uda_sam.data.labels import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID
-from uda_sam.evaluate import EvaluationError, evaluate_folder, main, run_evaluate
+from uda_sam.evaluation.scoring import EvaluationError, evaluate_folder
 
 SIZE = (48, 24)  # (W, H)
 KEYS = [

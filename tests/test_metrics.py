@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+import uda_sam.evaluation.metrics as metrics_module
 from uda_sam.data.labels import CLASS_NAMES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
-from uda_sam.metrics import SegmentationMetrics, format_iou_table, iou_from_confusion, mean_iou
+from uda_sam.evaluation.metrics import (
+    SegmentationMetrics,
+    confusion_from_labels,
+    format_iou_table,
+    iou_from_confusion,
+    mean_iou,
+    pair_counts,
+)
 
 
 def reference_iou(preds: np.ndarray, target: np.ndarray, num_classes: int = 19) -> np.ndarray:
@@ -176,3 +184,57 @@ def test_format_iou_table():
         format_iou_table(iou, subset="7")
     with pytest.raises(ValueError, match="19 values"):
         format_iou_table(iou[:5])
+
+
+def test_pair_counts_hold_every_pixel_once() -> None:
+    preds = torch.tensor([[0, 1, 7, -1, 2, 0]])
+    target = torch.tensor([[0, 1, 1, 2, 255, 9]])  # 9: neither one of 3 classes nor the ignore index
+    counts = pair_counts(preds, target, num_classes=3, ignore_index=255)
+    assert counts.shape == (3 * 3 + 3 + 2,) and int(counts.sum()) == preds.numel()
+    confusion = counts[:9].view(3, 3)
+    assert confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert counts[9:12].tolist() == [0, 1, 1]  # class 1 predicted as 7, class 2 predicted as -1
+    assert int(counts[12]) == 1 and int(counts[13]) == 1  # one unlabelled pixel, one invalid ground truth
+    valid = target != 9
+    same = confusion_from_labels(preds[valid], target[valid], num_classes=3, ignore_index=255)
+    assert torch.equal(same[0], confusion) and torch.equal(same[1], counts[9:12])
+
+
+def test_invalid_ground_truth_is_refused_when_scored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator the check waits for compute() (no synchronisation per batch); on the CPU, update()."""
+    metric = SegmentationMetrics()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = torch.full((1, 2, 2), 19, device=device)
+    preds = torch.zeros(1, 2, 2, dtype=torch.long, device=device)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="target holds values.*min 19, max 19"):
+            metric.update(preds, target)
+        assert int(metric.invalid) == 0  # nothing of the refused batch was added
+        # As for a target on an accelerator: the count is kept and compute() refuses.
+        monkeypatch.setattr(metrics_module, "_check_at_once", lambda target: False)
+    metric.update(preds, target)
+    assert int(metric.invalid) == 4
+    with pytest.raises(ValueError, match="target holds values.*4 such pixels"):
+        metric.compute()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_update_on_cuda_makes_no_device_synchronisation() -> None:
+    generator = torch.Generator().manual_seed(3)
+    preds, target = random_batch(generator, shape=(2, 64, 128))
+    metric = SegmentationMetrics().cuda()
+    reference = SegmentationMetrics()
+    reference.update(preds, target)
+    preds, target = preds.cuda(), target.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metric.update(preds, target)
+        metric.update(torch.randn(2, 19, 64, 128, device="cuda"), target)  # logits: argmax on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(metric.confusion.sum()) == 2 * int(reference.confusion.sum())
+    metric.reset()
+    metric.update(preds, target)
+    assert torch.equal(metric.confusion.cpu(), reference.confusion)
+    assert torch.equal(metric.unmatched.cpu(), reference.unmatched)

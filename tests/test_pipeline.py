@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from uda_sam.cli import main
-from uda_sam.generation import state_dict_sha256
-from uda_sam.pipeline import PipelineConfigError, _claim_output_dir, load_pipeline_config
-from uda_sam.sam_io import network_state_dict
+from uda_sam.cli.pipeline import PipelineConfigError, _claim_output_dir, load_pipeline_config
+from uda_sam.nn.sam_io import network_state_dict
+from uda_sam.pseudo_labels.generation import state_dict_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy"
@@ -117,7 +117,7 @@ def test_stage_checkpoints_write_last_at_the_last_step(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from uda_sam.callbacks import LastStepCheckpoint
-    from uda_sam.pipeline import _route_checkpoints
+    from uda_sam.cli.pipeline import _route_checkpoints
 
     best = ModelCheckpoint(monitor="val/mIoU", mode="max", save_last=True)
     trainer = Trainer(callbacks=[best], val_check_interval=5, logger=False, enable_progress_bar=False)

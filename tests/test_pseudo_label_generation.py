@@ -16,10 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 import uda_sam.callbacks.pseudo_labels as callback_module
-import uda_sam.generation as generation_module
+import uda_sam.pseudo_labels.generation as generation_module
 from uda_sam.callbacks import LastStepCheckpoint, PseudoLabelRegeneration
-from uda_sam.generation import generate_pseudo_labels
-from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels
+from uda_sam.pseudo_labels.generation import generate_pseudo_labels
+from uda_sam.pseudo_labels.thresholds import ClasswiseThresholdEstimator, make_pseudo_labels
 from uda_sam.tasks import SelfTraining
 
 try:
@@ -253,6 +253,39 @@ def test_callback_generations_and_resume(
     assert resumed_dm.pseudo_label_root == str(tmp_path / "labels" / "generation_2")
     assert trainer.global_step == 8
 
+
+
+class RecordTargets(Callback):
+    """Records, per training step, the train loader and the target names and masks of the batch."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, Any, list[str], torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        target = batch["target"]
+        self.steps.append((trainer.global_step, trainer.train_dataloader, list(target["name"]), target["mask"]))
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_next_generation_batches_carry_its_labels_with_two_workers(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable, persistent: bool
+) -> None:
+    """With 2 loader workers (persistent or not), generation 2's steps train on generation 2's labels, from the
+    same train loader (no private Lightning state reset)."""
+    teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
+    callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
+                                       num_generations=2, steps_per_generation=4, num_workers=0)
+    record = RecordTargets()
+    datamodule = toy_datamodule(num_workers=2, persistent_workers=persistent)
+    fit_with_regeneration(tmp_path, tiny_network(), datamodule, callback, max_steps=8, callbacks=[callback, record])
+    labels = {g: read_labels(tmp_path / "labels" / f"generation_{g}") for g in (1, 2)}
+    assert any(not np.array_equal(labels[1][n], labels[2][n]) for n in labels[1])  # the generations differ
+    assert [step for step, *_ in record.steps] == list(range(8))
+    assert len({id(loader) for _, loader, _, _ in record.steps}) == 1
+    for step, _, names, masks in record.steps:
+        generation = 1 if step < 4 else 2
+        for name, mask in zip(names, masks, strict=True):
+            assert np.array_equal(mask.numpy(), labels[generation][f"{name}.png"]), (step, name)
 
 class Killed(Exception):
     """Stands for the run being killed."""

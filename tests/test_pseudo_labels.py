@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from uda_sam.pseudo_labels import (
+from uda_sam.pseudo_labels.thresholds import (
     ClasswiseThresholdEstimator,
     PseudoLabelStatistics,
     make_pseudo_labels,
@@ -242,3 +242,26 @@ def test_sync_across_two_processes_equals_single_process(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(result["tau"], estimator.compute())
         torch.testing.assert_close(result["labelled"], stats.compute()["labelled"])
+
+
+def test_sync_sums_through_a_given_reduction() -> None:
+    """``sync(reduce_sum, device)``: what a generation sums its histogram and statistics with."""
+    seen: list[torch.device] = []
+
+    def two_equal_processes(tensor: torch.Tensor) -> torch.Tensor:
+        seen.append(tensor.device)
+        return tensor * 2
+
+    probs = torch.softmax(torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    estimator = ClasswiseThresholdEstimator(num_classes=4)
+    estimator.update(probs)
+    single = estimator.histogram.clone()
+    estimator.sync(two_equal_processes, device="cpu")
+    assert seen == [torch.device("cpu")]
+    assert estimator.histogram.device == single.device and torch.equal(estimator.histogram, 2 * single)
+    stats = PseudoLabelStatistics(num_classes=4)
+    labels = torch.tensor([[0, 1, 255], [2, 2, 3]])
+    stats.update(labels, labels)
+    counts, total = stats.counts.clone(), stats.total_pixels.clone()
+    stats.sync(two_equal_processes)
+    assert torch.equal(stats.counts, 2 * counts) and torch.equal(stats.total_pixels, 2 * total)

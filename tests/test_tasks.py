@@ -473,7 +473,7 @@ def test_wandb_table_and_images(tmp_path: Path, tiny_network, toy_datamodule) ->
 def test_predict_writes_label_id_and_color_pngs(
     tmp_path: Path, tiny_network, toy_datamodule, toy_root: Path
 ) -> None:
-    from uda_sam.evaluate import evaluate_folder
+    from uda_sam.evaluation.scoring import evaluate_folder
 
     out = tmp_path / "pred"
     trainer = make_trainer(tmp_path, callbacks=[PredictionWriter(str(out))])

@@ -8,10 +8,17 @@ Names are resolved on first use, so ``import uda_sam`` stays light: the plain-Py
 :func:`load_sam`, the networks, the threshold estimator) never import Lightning; the datamodule, the tasks and the
 callbacks do. The sub-packages hold the rest:
 
-- :mod:`uda_sam.nn`: the SAM, its losses and the segmentation networks (plain PyTorch).
+- :mod:`uda_sam.nn`: the SAM, its losses, the segmentation networks and their weights files (plain PyTorch).
 - :mod:`uda_sam.data`: label tables, dataset readers, the UDA datamodule and the toy domain pair.
+- :mod:`uda_sam.pseudo_labels`: the class-wise threshold rule and one generation of labels (plain torch).
+- :mod:`uda_sam.evaluation`: mIoU, official-format scoring and the paper's analyses (plain torch/numpy).
 - :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.callbacks`: the Lightning callbacks.
-- :mod:`uda_sam.cli`: the ``uda-sam`` command.
+- :mod:`uda_sam.cli`: the ``uda-sam`` command, one module per command.
+
+Layers (an arrow: "may import"): ``cli -> tasks, callbacks -> data, evaluation, pseudo_labels -> nn``; under them
+all, two helpers that import nothing of the package (:mod:`uda_sam.files`, :mod:`uda_sam.checks`); beside the tasks
+and the callbacks, the W&B media they share (:mod:`uda_sam.media`). The modules ``analysis``, ``evaluate``, ``generation``, ``metrics``, ``pipeline``,
+``pseudo_label_cli`` and ``sam_io`` at the top level are deprecated aliases of their new places.
 """
 
 from __future__ import annotations
@@ -47,19 +54,22 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         UDADataModule,
         make_toy_data,
     )
-    from uda_sam.metrics import SegmentationMetrics
+    from uda_sam.evaluation import SegmentationMetrics
     from uda_sam.nn import (
         DeepLabV2,
         FCN8s,
         SelfAttentionModule,
         load_deeplab_checkpoint,
+        load_network_weights,
+        load_sam,
         logit_norm,
+        network_state_dict,
         relu_cosine_similarity,
+        save_sam,
         segmentation_loss,
         self_attention_loss,
     )
     from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, PseudoLabelStatistics, make_pseudo_labels
-    from uda_sam.sam_io import load_network_weights, load_sam, network_state_dict, save_sam
     from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 
 #: Public name -> the module that defines it.
@@ -70,10 +80,10 @@ _EXPORTS: dict[str, str] = {
     "segmentation_loss": "uda_sam.nn",
     "logit_norm": "uda_sam.nn",
     "relu_cosine_similarity": "uda_sam.nn",
-    "load_sam": "uda_sam.sam_io",
-    "save_sam": "uda_sam.sam_io",
-    "network_state_dict": "uda_sam.sam_io",
-    "load_network_weights": "uda_sam.sam_io",
+    "load_sam": "uda_sam.nn",
+    "save_sam": "uda_sam.nn",
+    "network_state_dict": "uda_sam.nn",
+    "load_network_weights": "uda_sam.nn",
     # Networks.
     "DeepLabV2": "uda_sam.nn",
     "FCN8s": "uda_sam.nn",
@@ -94,7 +104,7 @@ _EXPORTS: dict[str, str] = {
     "make_pseudo_labels": "uda_sam.pseudo_labels",
     "PseudoLabelStatistics": "uda_sam.pseudo_labels",
     # Metrics.
-    "SegmentationMetrics": "uda_sam.metrics",
+    "SegmentationMetrics": "uda_sam.evaluation",
     # Lightning: tasks and callbacks.
     "SegmentationTask": "uda_sam.tasks",
     "SAMPretraining": "uda_sam.tasks",

@@ -24,7 +24,7 @@ from torchvision import models
 
 from uda_sam.nn import DeepLabV2, load_deeplab_checkpoint, read_state_dict_file
 from uda_sam.nn.caffe_resnet import CAFFE_DEPTHS
-from uda_sam.sam_io import load_network_weights, load_sam
+from uda_sam.nn.sam_io import load_network_weights, load_sam
 
 RESNET50 = (3, 4, 6, 3)
 RESNET101 = (3, 4, 23, 3)

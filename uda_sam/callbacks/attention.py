@@ -14,17 +14,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import nn
 
-from uda_sam.analysis import (
-    attention_maps,
+from uda_sam.callbacks.entropy import validation_loader
+from uda_sam.data.labels import CLASS_NAMES
+from uda_sam.evaluation.analysis import (
+    attention_maps_from_logits,
     denormalize,
-    eval_mode,
     jet_colormap,
+    logits_and_refined,
     overlay,
     similarity_matrices,
 )
-from uda_sam.callbacks.entropy import validation_loader
-from uda_sam.data.labels import CLASS_NAMES
-from uda_sam.tasks.media import find_wandb_logger
+from uda_sam.media import find_wandb_logger
 
 __all__ = ["AttentionVisualization"]
 
@@ -206,7 +206,9 @@ class AttentionVisualization(Callback):
             name = str(sample.get("name", f"image_{index}"))
             image = sample["image"]
             rgb = denormalize(image, normalization)  # type: ignore[arg-type]
-            maps = attention_maps(network, image, self.classes, sam=sam, skip_connection=skip)
+            # One pass of the network and the SAM per image, for the attention maps and the similarity matrices.
+            logits, refined = logits_and_refined(network, image, sam=sam, skip_connection=skip)
+            maps = attention_maps_from_logits(logits, self.classes, refined)
             for cls, entry in maps.items():
                 images, captions = figures.setdefault(f"attention/{cls}", ([], []))
                 pixel = entry["pixel"]
@@ -225,25 +227,18 @@ class AttentionVisualization(Callback):
                 images.append(_hstack(panels))
             if self.log_similarity and "mask" in sample:
                 images, captions = figures.setdefault("attention/similarity", ([], []))
-                panels, labels = self._similarity_panels(network, sam, skip, image, sample["mask"])
+                panels, labels = self._similarity_panels(logits, refined, skip, sample["mask"])
                 images.append(_hstack(panels))
                 captions.append(f"{name}: relu(cos) of {' | '.join(labels)}")
         return figures
 
     @staticmethod
     def _similarity_panels(
-        network: nn.Module, sam: nn.Module | None, skip: bool, image: torch.Tensor, mask: torch.Tensor
+        logits: torch.Tensor, refined: torch.Tensor | None, skip: bool, mask: torch.Tensor
     ) -> tuple[list[np.ndarray], list[str]]:
-        param = next(network.parameters())
-        batch = image.unsqueeze(0).to(param.device, param.dtype)
-        with eval_mode(network, sam), torch.no_grad():
-            logits = network(batch)
-            outputs = {"P": logits[0].float()}
-            if sam is not None:
-                attended = sam(logits)
-                outputs["P + SAM(P)" if skip else "SAM(P)"] = (logits + attended if skip else attended)[
-                    0
-                ].float()
+        outputs = {"P": logits}
+        if refined is not None:
+            outputs["P + SAM(P)" if skip else "SAM(P)"] = refined
         panels, labels, ground_truth = [], [], None
         for label, values in outputs.items():
             matrices = similarity_matrices(values, mask, max_pixels=MAX_SIMILARITY_PIXELS)

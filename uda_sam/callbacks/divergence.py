@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from uda_sam.tasks.base import check_choice
+from uda_sam.checks import check_choice
 
 __all__ = ["DivergenceError", "DivergenceMonitor"]
 

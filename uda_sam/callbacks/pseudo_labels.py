@@ -12,14 +12,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from uda_sam.generation import (
+from uda_sam.nn.sam_io import load_network_weights  # re-exported: the teacher is read with it
+from uda_sam.pseudo_labels.generation import (
     GenerationResult,
     ProcessGroup,
     autocast_dtype_for,
     generate_pseudo_labels,
     read_finished_generation,
 )
-from uda_sam.sam_io import load_network_weights  # re-exported: the teacher is read with it
 
 __all__ = ["PseudoLabelRegeneration", "load_network_weights"]
 
@@ -35,9 +35,10 @@ class PseudoLabelRegeneration(Callback):
     student from its initial weights with a fresh optimiser and learning-rate schedule (the paper's protocol).
 
     Generation boundaries fall every ``steps_per_generation`` optimiser steps and are applied at the end of a
-    training epoch, so that the next epoch's data loader reads the new labels; with several generations in one
-    fit, set the datamodule's ``steps_per_epoch`` so that it divides ``steps_per_generation`` (checked before
-    generation 1's labels are made). Resuming from a checkpoint restores the generation index and label folder:
+    training epoch, so that the next epoch reads the new labels (the train loader stays; its workers,
+    persistent or not, read the current label folder from shared memory: ``UDADataModule.set_pseudo_label_root``).
+    With several generations in one fit, set the datamodule's ``steps_per_epoch`` so that it divides
+    ``steps_per_generation`` (checked before generation 1's labels are made). Resuming from a checkpoint restores the generation index and label folder:
     labels are not regenerated; a checkpoint written at a generation's last step, before the epoch end that
     starts the next one, starts it when the resumed fit begins, as the uninterrupted fit did.
 
@@ -184,8 +185,6 @@ class PseudoLabelRegeneration(Callback):
             pl_module.start_new_generation(
                 reinitialize_network=True, schedule_steps=self.steps_per_generation
             )
-        # Rebuild the train loader at the next epoch so that its (possibly persistent) workers read the new labels.
-        trainer.fit_loop._combined_loader = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "label_dir": self.label_dir, "history": self.history}

@@ -28,10 +28,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from uda_sam.checks import check_choice
 from uda_sam.nn import SelfAttentionModule, logit_norm, self_attention_loss
 from uda_sam.nn.losses import SelfAttentionDistance, SelfAttentionTarget
-from uda_sam.sam_io import load_sam
-from uda_sam.tasks.base import check_choice
+from uda_sam.nn.sam_io import load_sam
 
 __all__ = ["SelfAttentionLoss"]
 

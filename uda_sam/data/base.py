@@ -213,8 +213,9 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         image, mask = self.load(index)
-        if self.transform.resize_mask and mask.shape != image.shape[:2]:
-            # e.g. pseudo labels stored at the training size: bring them to the image grid (nearest) first.
+        if self.transform.resize_mask and not self.transform.takes_mask_at_size(mask.shape, image.shape):
+            # A label of another size than the image and the training size: to the image grid (nearest) first.
+            # Pseudo labels stored at the training size skip this: the transform resizes the image alone.
             mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
         image_t, mask_t = self.transform(image, mask)
         return {"image": image_t, "mask": mask_t, "name": self.samples[index].name}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,14 @@ from uda_sam.data.base import check_limit
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
 from uda_sam.data.image_folder import ImageFolder
+from uda_sam.data.switchable import SwitchableLabels
 from uda_sam.data.synthia import Synthia
 from uda_sam.data.transforms import check_normalization, check_scale, check_size
+
+
+def _target_train_set(label_root: str | None, use_pseudo_labels: bool, **options: Any) -> Cityscapes:
+    """The target training set reading the pseudo labels of ``label_root`` (when ``use_pseudo_labels``)."""
+    return Cityscapes(pseudo_label_root=label_root if use_pseudo_labels else None, **options)
 
 
 class EpochSampler(DistributedSampler):
@@ -227,7 +234,7 @@ class UDADataModule(LightningDataModule):
 
         self.sampler_seed: int | None = None  # fixed at the first training loader, saved in checkpoints
         self.source_train: Dataset | None = None
-        self.target_train: Cityscapes | None = None
+        self.target_train: SwitchableLabels | None = None
         self.val_dataset: Cityscapes | None = None
         self.test_dataset: Cityscapes | None = None
         self.predict_root = predict_root
@@ -273,16 +280,18 @@ class UDADataModule(LightningDataModule):
         dataset = self._make_source(augment=False)
         return Subset(dataset, range(len(dataset) - self.source_holdout, len(dataset)))  # type: ignore[arg-type]
 
-    def _make_target_train(self) -> Cityscapes:
-        return Cityscapes(
-            self.target_root,
+    def _make_target_train(self) -> SwitchableLabels:
+        build = partial(
+            _target_train_set,
+            use_pseudo_labels=self.target_labels == "pseudo",
+            root=self.target_root,
             split="train",
             size=self.target_size,
             labels="gt" if self.target_labels == "gt" else "none",
-            pseudo_label_root=self.pseudo_label_root if self.target_labels == "pseudo" else None,
             list_file=self.target_list_file,
             **self._augment(),
         )
+        return SwitchableLabels(build, self.pseudo_label_root)
 
     def _make_val(
         self, limit: int | None, labels: Literal["gt", "optional"] = "gt", split: str = "val"
@@ -434,22 +443,19 @@ class UDADataModule(LightningDataModule):
     def set_pseudo_label_root(self, path: str | Path | None) -> None:
         """Switch the target training masks to another pseudo-label folder (``None``: back to all 255).
 
-        If the training datasets exist already, the target set is rebuilt (and validated: every target image
-        needs its file) at once; the next :meth:`train_dataloader` call uses it. Under DDP call it on every rank
+        If the training datasets exist already, the target set for the folder is built (and validated: every
+        target image needs its file) at once, and the train loader already made reads it from its next epoch
+        on, in its worker processes too (persistent or not): the folder is a value in shared memory
+        (:class:`~uda_sam.data.switchable.SwitchableLabels`). Switch between epochs. Under DDP call it on every rank
         after the labels are completely written (e.g. after a barrier).
 
         Raises:
             FileNotFoundError: the folder does not exist or lacks files for some target images.
         """
         value = str(path) if path is not None else None
-        previous = self.pseudo_label_root
-        self.pseudo_label_root = value
         if self.target_train is not None:
-            try:
-                self.target_train = self._make_target_train()
-            except Exception:
-                self.pseudo_label_root = previous
-                raise
+            self.target_train.switch(value)  # validates first; raises with nothing changed
+        self.pseudo_label_root = value
         self.hparams["pseudo_label_root"] = value
 
     def state_dict(self) -> dict[str, Any]:

@@ -145,23 +145,37 @@ class SegmentationTransform:
 
         if self.resize_mask:
             self._joint = A.Compose([*geometric, normalize])
+            # For masks already at ``size`` (pseudo labels stored at the training size): only the image is
+            # resized, then the same augmentation; the mask is not brought to the image grid and back.
+            self._after_resize = A.Compose([*geometric[1:], normalize]) if self.size is not None else None
         else:
             self._joint = A.Compose([normalize])
             self._image_only = A.Compose(geometric)  # only a resize: no randomness here
+            self._after_resize = None
         self._seeded_for: tuple[int, int] | None = None
 
     def _reseed(self) -> None:
         key = (os.getpid(), torch.initial_seed())
         if key != self._seeded_for:
-            self._joint.set_random_seed(torch.initial_seed() % 2**32)
+            for pipeline in (self._joint, self._after_resize):
+                if pipeline is not None:
+                    pipeline.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_for = key
 
+    def takes_mask_at_size(self, mask_shape: Sequence[int], image_shape: Sequence[int]) -> bool:
+        """Whether :meth:`__call__` takes a mask of ``mask_shape`` ``(h, w)`` as it is, for an image of
+        ``image_shape``: a mask of the image's size, or (when the mask is resized) of the output ``size``."""
+        if tuple(mask_shape[:2]) == tuple(image_shape[:2]):
+            return True
+        return self._after_resize is not None and tuple(mask_shape[:2]) == (self.size[1], self.size[0])
+
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform one image/mask pair (the mask must have the image's height and width).
+        """Transform one image/mask pair.
 
         Args:
             image: uint8 RGB array (H, W, 3).
-            mask: uint8 trainId array (H, W).
+            mask: uint8 trainId array of the image's size (H, W), or, when the mask is resized, of the output
+                ``size`` already (the image alone is resized then; see :meth:`takes_mask_at_size`).
 
         Returns:
             ``(image, mask)``: float32 tensor (3, h, w) and int64 tensor (h, w) (native (H, W) when
@@ -169,7 +183,17 @@ class SegmentationTransform:
         """
         if self.augments:
             self._reseed()
-        if self.resize_mask:
+        if self._after_resize is not None and mask.shape[:2] != image.shape[:2]:
+            if not self.takes_mask_at_size(mask.shape, image.shape):
+                raise ValueError(
+                    f"mask of {mask.shape[1]}x{mask.shape[0]} is neither of the image's size "
+                    f"{image.shape[1]}x{image.shape[0]} nor of the output size {self.size[0]}x{self.size[1]}"
+                )
+            width, height = self.size  # type: ignore[misc]
+            resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+            out = self._after_resize(image=resized, mask=mask)
+            image_out, mask_out = out["image"], out["mask"]
+        elif self.resize_mask:
             out = self._joint(image=image, mask=mask)
             image_out, mask_out = out["image"], out["mask"]
         else:

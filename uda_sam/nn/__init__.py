@@ -1,4 +1,5 @@
-"""Plain-PyTorch building blocks: the self-attention module (SAM), its losses and the segmentation networks.
+"""Plain-PyTorch building blocks: the self-attention module (SAM), its losses, the segmentation networks and their
+weights files (:mod:`uda_sam.nn.sam_io`: exported SAM files, network weights from checkpoints).
 
 Nothing here imports Lightning or the data code, so ``from uda_sam.nn import SelfAttentionModule,
 self_attention_loss`` works inside any PyTorch project.
@@ -20,6 +21,7 @@ from .sam import (
     relu_cosine_attention,
     relu_cosine_similarity,
 )
+from .sam_io import load_network_weights, load_sam, network_state_dict, save_sam
 
 __all__ = [
     "AUTO_FULL_MAX_BYTES",
@@ -34,12 +36,16 @@ __all__ = [
     "build_vgg16_features",
     "load_deeplab_checkpoint",
     "load_deeplab_state_dict",
+    "load_network_weights",
+    "load_sam",
     "load_weights_only",
     "logit_norm",
+    "network_state_dict",
     "normalize_rows",
     "read_state_dict_file",
     "relu_cosine_attention",
     "relu_cosine_similarity",
+    "save_sam",
     "segmentation_loss",
     "self_attention_loss",
 ]

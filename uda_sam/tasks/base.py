@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from uda_sam.checks import check_choice
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, NUM_CLASSES
-from uda_sam.metrics import SegmentationMetrics, format_iou_table
-from uda_sam.nn import logit_norm, segmentation_loss
-from uda_sam.tasks.media import (
+from uda_sam.evaluation.metrics import SegmentationMetrics, format_iou_table
+from uda_sam.media import (
     ValidationExample,
     find_wandb_logger,
     log_examples,
     log_iou_table,
     make_example,
 )
+from uda_sam.nn import logit_norm, segmentation_loss
 from uda_sam.tasks.optim import (
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -32,7 +35,7 @@ from uda_sam.tasks.optim import (
     trainable_param_groups,
 )
 
-__all__ = ["ClassSubset", "SegmentationTask", "check_choice"]
+__all__ = ["ClassSubset", "SegmentationTask"]
 
 ClassSubset = Literal["19", "16", "13"]
 _NETWORK_API = ("num_classes", "upsample_logits", "param_groups")
@@ -50,12 +53,6 @@ def _set_random_state(state: dict[str, Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming ``option`` and its ``choices`` when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{option} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_positive(option: str, value: float, allow_zero: bool = False) -> None:
@@ -340,19 +337,53 @@ class SegmentationTask(LightningModule):
         if "rng" in state:
             _set_random_state(state["rng"])
 
+    # ------------------------------------------------------------------------------- eval-mode modules
+    def kept_in_eval(self) -> list[nn.Module]:
+        """The modules this task keeps in eval mode on purpose while it trains.
+
+        Those the network's own ``train()`` keeps there (e.g. the frozen BatchNorm of a DeepLabV2 with
+        ``freeze_bn``); subclasses add theirs (the frozen SAM of :class:`~uda_sam.tasks.SelfTraining`).
+        """
+        if not self.network.training:
+            return []
+        return [module for module in self.network.modules() if not module.training]
+
+    def on_fit_start(self) -> None:
+        """Keep Lightning's "module(s) in eval mode" warning for modules in eval mode by mistake only."""
+        kept = self.kept_in_eval()
+        in_eval = [module for module in self.modules() if not module.training]
+        if kept and len(in_eval) == len(kept):
+            # Lightning's fit loop warns, when training starts, about every module in eval mode at that moment.
+            # Here all of them are kept in eval on purpose (frozen BatchNorm, the frozen SAM): nothing to do for
+            # the user. The filter matches this count only: any other module left in eval still warns.
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"Found {len(kept)} module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+            )
+
     # ---------------------------------------------------------------------------------- evaluation
-    def _evaluate_batch(self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str) -> Tensor:
+    def _evaluate_batch(
+        self, batch: dict[str, Any], metrics: SegmentationMetrics, stage: str
+    ) -> tuple[Tensor, Tensor]:
         image, mask = batch["image"], batch["mask"]
-        logits = self.network.upsample_logits(self(image), tuple(mask.shape[-2:]))
+        # Upsampled in float32 (a no-op at 32-bit precision): the scores, the loss and the analyses that read
+        # these logits (EntropyAnalysisCallback) see exact probabilities.
+        logits = self.network.upsample_logits(self(image).float(), tuple(mask.shape[-2:]))
         preds = logits.argmax(dim=1)
         metrics.update(preds, mask)
         self.eval_losses[stage].update(segmentation_loss(logits, mask), weight=len(image))
         self.log(f"{stage}/loss", self.eval_losses[stage], on_step=False, on_epoch=True)
-        return preds
+        return logits, preds
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Accumulate the confusion matrix (and keep a few images for W&B on rank 0)."""
-        preds = self._evaluate_batch(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulate the confusion matrix (and keep a few images for W&B on rank 0).
+
+        Returns:
+            ``{"logits": (B, C, H, W) float32 logits at the mask size, "preds": (B, H, W)}``, for callbacks'
+            ``on_validation_batch_end`` (e.g. :class:`~uda_sam.callbacks.EntropyAnalysisCallback`).
+        """
+        logits, preds = self._evaluate_batch(batch, self.val_metrics, "val")
         if self._keep_examples():
             normalization = getattr(self.trainer.datamodule, "normalization", "imagenet")
             for i in range(len(preds)):
@@ -363,6 +394,7 @@ class SegmentationTask(LightningModule):
                         batch["name"][i], batch["image"][i], batch["mask"][i], preds[i], normalization
                     )
                 )
+        return {"logits": logits, "preds": preds}
 
     def _keep_examples(self) -> bool:
         return (

@@ -10,11 +10,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from uda_sam.analysis import AttentionQuality, measure_attention_quality
+from uda_sam.checks import check_choice
+from uda_sam.evaluation.analysis import AttentionQuality, measure_attention_quality
 from uda_sam.nn import SelfAttentionModule
 from uda_sam.nn.sam import AttentionImpl
-from uda_sam.sam_io import attention_warning, sam_config, save_sam
-from uda_sam.tasks.base import SegmentationTask, check_choice
+from uda_sam.nn.sam_io import attention_warning, sam_config, save_sam
+from uda_sam.tasks.base import SegmentationTask
 
 __all__ = ["SAMPretraining"]
 
@@ -45,7 +46,7 @@ class SAMPretraining(SegmentationTask):
             images per domain that nothing trained on: the datamodule's held-out source images
             (``data.source_holdout``) and the target validation split (a diagnostic; its labels train nothing).
             Mean row entropy against uniform attention, and the share of a row's attention on its own
-            ground-truth class against chance (:class:`~uda_sam.analysis.AttentionQuality`); logged as
+            ground-truth class against chance (:class:`~uda_sam.evaluation.analysis.AttentionQuality`); logged as
             ``sam/<domain>/<figure>``, kept in :attr:`attention_quality` and written into the SAM file. 0 skips it.
         **kwargs: Optimiser, schedule and evaluation options of :class:`~uda_sam.tasks.SegmentationTask`. The SAM's
             parameters get the classifier's learning rate (``lr * classifier_lr_mult``).
@@ -114,7 +115,7 @@ class SAMPretraining(SegmentationTask):
 
     def export_sam(self, path: str | os.PathLike[str]) -> Path:
         """Write the SAM's weights, configuration and attention quality to ``path`` (atomically); see
-        :mod:`uda_sam.sam_io`."""
+        :mod:`uda_sam.nn.sam_io`."""
         return save_sam(self.sam, path, layer=self.layer, attention_quality=self.attention_quality or None)
 
     def measure_attention(self) -> dict[str, dict[str, float]]:

@@ -7,10 +7,11 @@ from typing import Any, Literal, get_args
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from uda_sam.checks import check_choice
 from uda_sam.nn import SelfAttentionModule, self_attention_loss
 from uda_sam.nn.losses import SelfAttentionDistance, SelfAttentionTarget
-from uda_sam.sam_io import attention_warning, load_sam, read_attention_quality, sam_config
-from uda_sam.tasks.base import SegmentationTask, check_choice
+from uda_sam.nn.sam_io import attention_warning, load_sam, read_attention_quality, sam_config
+from uda_sam.tasks.base import SegmentationTask
 
 __all__ = ["SelfTraining"]
 
@@ -151,6 +152,10 @@ class SelfTraining(SegmentationTask):
     def _frozen_sams(self) -> list[SelfAttentionModule]:
         return [sam for sam in (self.sam, self.feature_sam) if sam is not None]
 
+    def kept_in_eval(self) -> list[nn.Module]:
+        """The network's modules kept in eval mode and the frozen SAMs' (see ``SegmentationTask``)."""
+        return super().kept_in_eval() + [module for sam in self._frozen_sams() for module in sam.modules()]
+
     def train(self, mode: bool = True) -> SelfTraining:
         """Set the train/eval mode of the network; the frozen SAMs always stay in eval mode."""
         super().train(mode)
@@ -180,8 +185,14 @@ class SelfTraining(SegmentationTask):
             return logits, features
         return self.network(image), None
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """One step of (10) / (11); every term is logged separately."""
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """The objective (10) / (11) of one batch, without logging (usable outside a ``Trainer``).
+
+        Returns:
+            ``(total, terms, logits)``: the total loss, each term by its name (``loss_seg_source``,
+            ``loss_seg_target``, ``loss_sa_target``, ``loss_sa_source``), and the logits whose scale is logged
+            (the target's when the step computes them, else the source's).
+        """
         source, target = self.split_batch(batch)
         terms: dict[str, Tensor] = {}
         logits_s = features_s = logits_t = None
@@ -207,6 +218,12 @@ class SelfTraining(SegmentationTask):
             total = total + self.lambda_sa * sum(attention)
         # The target logits when the step computes them (the ones the pseudo labels and L_sa(t) act on).
         watched = logits_t if logits_t is not None else logits_s
+        return total, terms, watched
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One step of (10) / (11) (:meth:`compute_losses`); every term is logged separately."""
+        total, terms, watched = self.compute_losses(batch)
+        source, _ = self.split_batch(batch)
         self.log_losses(total, terms, batch_size=len(source["image"]), logits=watched)
         return total
 

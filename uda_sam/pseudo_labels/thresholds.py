@@ -13,7 +13,7 @@ bin width, and summable across processes. Plain torch, usable without Lightning.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,36 @@ from torch import Tensor
 __all__ = [
     "ClasswiseThresholdEstimator",
     "PseudoLabelStatistics",
+    "ReduceSum",
+    "all_reduce_sum",
     "make_pseudo_labels",
     "save_label_png",
     "threshold_predictions",
 ]
 
 IGNORE_INDEX = 255
+
+#: Returns the element-wise sum of a tensor over all processes (every process calls it).
+ReduceSum = Callable[[Tensor], Tensor]
+
+
+def _sum_over_processes(
+    tensor: Tensor, reduce_sum: ReduceSum | None, device: torch.device | str | None
+) -> Tensor:
+    """``tensor`` summed over the processes, on ``tensor``'s device (see :meth:`ClasswiseThresholdEstimator.sync`)."""
+    if reduce_sum is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return tensor
+        reduce_sum = all_reduce_sum
+    home = tensor.device
+    return reduce_sum(tensor.to(device if device is not None else home)).to(home)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """A copy of ``tensor`` summed over the processes of the default ``torch.distributed`` group."""
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
 
 
 def _check_probs(probs: Tensor, num_classes: int, name: str = "probs") -> None:
@@ -178,13 +202,19 @@ class ClasswiseThresholdEstimator:
         """Forget every update (keeps the histogram's device)."""
         self.histogram.zero_()
 
-    def sync(self) -> None:
-        """Sum the histogram over all processes in place when ``torch.distributed`` is initialised; no-op otherwise.
+    def sync(self, reduce_sum: ReduceSum | None = None, device: torch.device | str | None = None) -> None:
+        """Sum the histogram over all processes, in place.
 
         Every rank must call it (it is a collective). The histogram has the same fixed shape on every rank.
+
+        Args:
+            reduce_sum: Returns the element-wise sum of a tensor over the processes (e.g.
+                :attr:`uda_sam.pseudo_labels.ProcessGroup.reduce_sum`, or Lightning's ``strategy.reduce``);
+                default: ``torch.distributed.all_reduce`` when it is initialised, else nothing to do.
+            device: Where the tensor must be for ``reduce_sum`` (the GPU under NCCL); the histogram keeps its own
+                device.
         """
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.histogram, op=torch.distributed.ReduceOp.SUM)
+        self.histogram = _sum_over_processes(self.histogram, reduce_sum, device)
 
     def state_dict(self) -> dict[str, Any]:
         """Settings and a CPU copy of the histogram, for checkpoints."""
@@ -434,8 +464,8 @@ class PseudoLabelStatistics:
         self.counts.zero_()
         self.total_pixels.zero_()
 
-    def sync(self) -> None:
-        """Sum the counters over all processes when ``torch.distributed`` is initialised; no-op otherwise."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.counts, op=torch.distributed.ReduceOp.SUM)
-            torch.distributed.all_reduce(self.total_pixels, op=torch.distributed.ReduceOp.SUM)
+    def sync(self, reduce_sum: ReduceSum | None = None, device: torch.device | str | None = None) -> None:
+        """Sum the counters over all processes, in place (arguments as for
+        :meth:`ClasswiseThresholdEstimator.sync`)."""
+        self.counts = _sum_over_processes(self.counts, reduce_sum, device)
+        self.total_pixels = _sum_over_processes(self.total_pixels, reduce_sum, device)

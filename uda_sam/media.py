@@ -19,7 +19,7 @@ from torch import Tensor
 
 from uda_sam.data.labels import CLASS_NAMES, CLASS_SUBSETS, IGNORE_INDEX, colorize
 from uda_sam.data.transforms import Normalization, denormalize
-from uda_sam.metrics import mean_iou
+from uda_sam.evaluation.metrics import mean_iou
 
 __all__ = ["ValidationExample", "find_wandb_logger", "log_examples", "log_iou_table", "make_example"]
 

@@ -1,0 +1,228 @@
+"""The LightningCLI of ``uda-sam fit/validate/test/predict``: :class:`UDASamCLI` and the checks it runs.
+
+It is used by the ``uda-sam`` entry point (:mod:`uda_sam.cli.entry_point`) and by the pipeline command, which builds one
+:class:`UDASamCLI` per stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+import uda_sam.callbacks  # noqa: F401  (registers the callbacks for short class names in configs)
+from uda_sam.cli.console import quiet_console
+from uda_sam.data import UDADataModule
+from uda_sam.tasks import SegmentationTask
+
+__all__ = [
+    "DiscardFailedStart",
+    "RunFolderError",
+    "UDASamCLI",
+    "discard_offline_wandb_run",
+    "earlier_run_files",
+    "refuse_earlier_run",
+]
+
+
+class RunFolderError(FileExistsError):
+    """``fit`` would write into folders that hold another run's checkpoints or pseudo labels."""
+
+
+def _checkpoint_dir(trainer: Trainer, callback: ModelCheckpoint) -> Path | None:
+    if callback.dirpath is not None:
+        return Path(callback.dirpath)
+    # Without a logger Lightning writes to default_root_dir/checkpoints; with one, to the logger's own run folder.
+    return Path(trainer.default_root_dir) / "checkpoints" if trainer.logger is None else None
+
+
+def earlier_run_files(trainer: Trainer, model: Any) -> dict[Path, tuple[list[str], set[str]]]:
+    """Files of an earlier run in the folders this fit writes to.
+
+    Looks for ``*.ckpt`` in every checkpoint folder, ``generation_*`` in the pseudo-label folder and the exported
+    SAM file.
+
+    Returns:
+        ``{folder: (names of the files found there, options that name the folder)}``.
+    """
+    from uda_sam.callbacks import PseudoLabelRegeneration
+
+    found: dict[Path, tuple[list[str], set[str]]] = {}
+
+    def add(folder: Path, pattern: str, option: str) -> None:
+        names = sorted(p.name for p in folder.glob(pattern))
+        if names:
+            found.setdefault(folder, (names, set()))[1].add(option)
+
+    for callback in trainer.callbacks:
+        if (
+            isinstance(callback, ModelCheckpoint)
+            and (folder := _checkpoint_dir(trainer, callback)) is not None
+        ):
+            add(folder, "*.ckpt", f"{type(callback).__name__}.dirpath")
+        elif isinstance(callback, PseudoLabelRegeneration):
+            add(Path(callback.output_dir), "generation_*", "PseudoLabelRegeneration.output_dir")
+    export = getattr(model, "sam_export_path", None)
+    if export is not None:
+        add(Path(export).parent, Path(export).name, "model.init_args.sam_export_path")
+    return found
+
+
+def _resumes_this_run(trainer: Trainer, ckpt_path: str | None) -> bool:
+    if ckpt_path is None:
+        return False
+    if ckpt_path in ("last", "hpc") or ckpt_path.startswith("registry"):
+        return True  # Lightning finds the checkpoint among this run's own
+    folders = [_checkpoint_dir(trainer, c) for c in trainer.checkpoint_callbacks]  # type: ignore[arg-type]
+    parent = Path(ckpt_path).resolve().parent
+    return any(folder is not None and folder.resolve() == parent for folder in folders)
+
+
+def refuse_earlier_run(trainer: Trainer, model: Any, ckpt_path: str | None) -> None:
+    """Refuse to start a new fit whose folders hold another run's files (a resume of that run is fine).
+
+    Raises:
+        RunFolderError: Naming the files, the options that name their folders, and how to resume instead.
+    """
+    if _resumes_this_run(trainer, ckpt_path):
+        return
+    found = earlier_run_files(trainer, model)
+    if not found:
+        return
+    listing = "; ".join(
+        f"{folder} holds {', '.join(names)} (folder set by {', '.join(sorted(options))})"
+        for folder, (names, options) in found.items()
+    )
+    last = next((folder / "last.ckpt" for folder, (names, _) in found.items() if "last.ckpt" in names), None)
+    resume = f" To continue that run, add --ckpt_path {last}." if last is not None else ""
+    raise RunFolderError(
+        f"this fit would mix its files with an earlier run's: {listing}.{resume} To start a new run, set those "
+        "options (and trainer.default_root_dir, the logger's save_dir) to other folders, or delete the files."
+    )
+
+
+def _wandb_loggers(trainer_config: Any) -> list[Any]:
+    if trainer_config is None:
+        return []
+    loggers = trainer_config.get("logger")
+    return [
+        logger
+        for logger in (loggers if isinstance(loggers, list) else [loggers])
+        if str(getattr(logger, "class_path", "")).endswith("WandbLogger")
+    ]
+
+
+def _quiet_wandb(trainer_config: Any) -> None:
+    """Make each W&B logger's run folder before wandb starts (see the comment below)."""
+    for logger in _wandb_loggers(trainer_config):
+        init_args = logger.get("init_args") or {}
+        # wandb looks for the git repository from the run folder and warns "git root ... does not exist" when
+        # the folder is not there yet: make it, so that the run records the repository's commit instead.
+        save_dir = init_args.get("save_dir") or init_args.get("dir")
+        if save_dir:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+
+
+def _respect_wandb_disabled(trainer_config: Any) -> None:
+    """``WANDB_MODE=disabled`` wins over ``offline: true`` (Lightning's WandbLogger would set the mode to offline)."""
+    if os.environ.get("WANDB_MODE", "").lower() != "disabled":
+        return
+    for logger in _wandb_loggers(trainer_config):
+        logger.init_args.offline = False
+        # Passed on to wandb.init, which otherwise may keep a mode read earlier in this process.
+        logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "mode": "disabled"}
+
+
+def discard_offline_wandb_run(logger: Any) -> None:
+    """Finish a WandbLogger's run and, when it is an offline run, delete its folder (and links to it)."""
+    import wandb
+
+    run = logger._experiment
+    if run is None:
+        return
+    folder = Path(run.dir).parent if getattr(run, "dir", None) else None
+    if folder is not None and not folder.resolve().is_relative_to(Path(logger.save_dir or ".").resolve()):
+        return  # a run this logger took over from an earlier one in the process: not its own to discard
+    with contextlib.suppress(Exception):  # no "wandb sync <folder>" advice for a folder about to be deleted
+        run._settings.silent = True
+    wandb.finish(exit_code=1)
+    logger._experiment = None
+    if folder is None or not folder.name.startswith("offline-run-") or not folder.is_dir():
+        return
+    shutil.rmtree(folder)
+    for link in folder.parent.iterdir():  # latest-run, debug.log, ... now pointing at nothing
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+    if not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+
+
+class DiscardFailedStart(Callback):
+    """A fit (or validate, test, predict) that fails before its first training step leaves no offline W&B run."""
+
+    def __init__(self) -> None:
+        self.trained = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.trained = True
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if self.trained or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                discard_offline_wandb_run(logger)
+
+
+class UDASamCLI(LightningCLI):
+    """LightningCLI over :class:`~uda_sam.tasks.SegmentationTask` subclasses and :class:`~uda_sam.data.UDADataModule`.
+
+    Tasks configure their own optimiser and schedule (``auto_configure_optimizers=False``); the seed defaults to 0;
+    the resolved config is written (overwriting) next to the logs. ``fit`` refuses to start a new run in folders
+    holding another run's checkpoints or pseudo labels (:func:`refuse_earlier_run`); resuming with
+    ``--ckpt_path`` is fine. ``WANDB_MODE=disabled`` turns off W&B loggers even where a config says
+    ``offline: true``, and a command that fails before training leaves no offline W&B run behind.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: object) -> None:
+        kwargs.setdefault("model_class", SegmentationTask)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", UDADataModule)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "prog": "uda-sam",
+                "description": "Unsupervised domain adaptation for semantic segmentation with a self-attention "
+                "module. Run `uda-sam <subcommand> --help` for every option of a subcommand.",
+            },
+        )
+        quiet_console()
+        super().__init__(args=list(args) if args is not None else None, run=run, **kwargs)  # type: ignore[arg-type]
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline; make their run folders."""
+        trainer_config = self._get(self.config, "trainer")
+        _quiet_wandb(trainer_config)
+        _respect_wandb_disabled(trainer_config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer, with :class:`DiscardFailedStart`."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(DiscardFailedStart())
+        return trainer
+
+    def before_fit(self) -> None:
+        """Refuse a new fit into another run's folders."""
+        refuse_earlier_run(self.trainer, self.model, self._get(self.config, "ckpt_path"))
