@@ -36,7 +36,7 @@ import train as mean_teacher_cli  # noqa: E402  (examples/mean_teacher/train.py)
 from uda_sam.callbacks import DivergenceMonitor  # noqa: E402
 from uda_sam.data import make_toy_data  # noqa: E402
 from uda_sam.files import write_atomically  # noqa: E402
-from uda_sam.pipeline import StageConfig, run_stage  # noqa: E402
+from uda_sam.cli.pipeline import StageConfig, run_stage  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "mean_teacher"
 

@@ -53,7 +53,7 @@ from machine import machine_info  # noqa: E402
 from uda_sam.data import Cityscapes, UDADataModule  # noqa: E402
 from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
 from uda_sam.nn import DeepLabV2, self_attention_loss  # noqa: E402
-from uda_sam.sam_io import load_network_weights  # noqa: E402
+from uda_sam.nn.sam_io import load_network_weights  # noqa: E402
 from uda_sam.tasks import SelfTraining  # noqa: E402
 
 #: The toy's former Ours stage (configs/toy/ours.yaml before this study); every setting changes it.
@@ -268,7 +268,7 @@ def _measured_growth(records: list[dict[str, float]], first: int, last: int) -> 
 def probe_config(cli_args: list[str]) -> str:
     """The gain of the class-uniform mode for a training config's network, SAM and lambda, and what it predicts
     over the config's schedule (SGD: the product of the per-step factors along the poly learning rates)."""
-    from uda_sam.cli import UDASamCLI
+    from uda_sam.cli.lightning import UDASamCLI
 
     cli = UDASamCLI(args=[*cli_args, "--trainer.logger=false"], run=False)
     model, datamodule = cli.model, cli.datamodule
@@ -391,7 +391,7 @@ def _median_ratio(records: list[dict[str, float]]) -> float:
 
 def prepare(out: Path, data_root: Path, steps: int, seed: int) -> None:
     """Train the No Pseudo network and the SAM with the toy's stage-0/1 settings and make generation 1's labels."""
-    from uda_sam.generation import generate_pseudo_labels
+    from uda_sam.pseudo_labels.generation import generate_pseudo_labels
     from uda_sam.tasks import SAMPretraining
 
     out.mkdir(parents=True, exist_ok=True)

@@ -162,11 +162,11 @@ def test_refusal_names_what_changed(tmp_path: Path, toy_root: Path, capsys: pyte
     _claim_output_dir(load_pipeline_config(path))  # what an earlier run recorded
 
     stage.write_text(stage.read_text() + "# edited\n")
-    config["generations"] = 3
+    before, config["generations"] = config["generations"], 3
     path.write_text(yaml.safe_dump(config))
     assert main(["pipeline", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"config file {stage} content changed" in err and "generations: 2 -> 3" in err
+    assert f"config file {stage} content changed" in err and f"generations: {before} -> 3" in err
 
 
 def test_refuses_inconsistent_stages(tmp_path: Path, toy_root: Path) -> None:
