@@ -42,8 +42,13 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, float]:
     dtype = {"32": None, "bf16": torch.bfloat16}[args.precision]
     with tempfile.TemporaryDirectory() as tmp:
         root = make_toy_data(
-            Path(tmp) / "toy", num_source=1, num_target_train=num_images, num_val=1, size=tuple(args.size),
-            source_size=(64, 32), seed=0,
+            Path(tmp) / "toy",
+            num_source=1,
+            num_target_train=num_images,
+            num_val=1,
+            size=tuple(args.size),
+            source_size=(64, 32),
+            seed=0,
         )
         dataset = Cityscapes(root / "cityscapes", split="train", size=tuple(args.size), labels="optional")
         network = DeepLabV2(19, backbone=args.backbone).to(device).eval()
@@ -51,17 +56,28 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, float]:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
             for batch in loader:
                 logits = network(batch["image"].to(device, non_blocking=True))
-                network.upsample_logits(logits, tuple(batch["mask"].shape[-2:])).float().softmax(1).argmax(1).cpu()
+                network.upsample_logits(logits, tuple(batch["mask"].shape[-2:])).float().softmax(1).argmax(
+                    1
+                ).cpu()
         synchronize(device)
         plain = num_images / (time.perf_counter() - start)
 
         start = time.perf_counter()
         generate_pseudo_labels(
-            network, dataset, Path(tmp) / "labels", batch_size=args.batch_size, num_workers=args.num_workers,
-            device=device, autocast_dtype=dtype, progress=False,
+            network,
+            dataset,
+            Path(tmp) / "labels",
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=device,
+            autocast_dtype=dtype,
+            progress=False,
         )
         synchronize(device)
         generation = num_images / (time.perf_counter() - start)
@@ -90,10 +106,16 @@ def main() -> int:
     rows = []
     for count in args.image_counts:
         command = [sys.executable, __file__, *sys.argv[1:], "--worker", str(count)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(command, check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         rows.append(json.loads(out))
         print(rows[-1], flush=True)
-    device_name = torch.cuda.get_device_name() if cuda else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name() if cuda else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    )
     lines = [
         "# Pseudo-label generation with a network vs plain inference",
         "",

@@ -25,14 +25,18 @@ from uda_sam.tasks import load_sam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a pipeline seed folder (holds sam_pretraining/ and no_pseudo/)")
+    parser.add_argument(
+        "run", type=Path, help="a pipeline seed folder (holds sam_pretraining/ and no_pseudo/)"
+    )
     parser.add_argument("--data-root", type=Path, required=True, help="Cityscapes-format root of the target")
     parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("W", "H"))
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args()
 
-    sam = load_sam(args.run / "sam_pretraining" / "sam.pt", expected_channels=19, layer="prediction", option="sam").eval()
+    sam = load_sam(
+        args.run / "sam_pretraining" / "sam.pt", expected_channels=19, layer="prediction", option="sam"
+    ).eval()
     network = DeepLabV2(19, backbone=args.backbone, freeze_bn=False)
     load_network_weights(network, args.run / "no_pseudo" / "checkpoints" / "last.ckpt")
     network.eval()

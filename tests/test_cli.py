@@ -136,13 +136,17 @@ def test_make_toy_data_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
-def test_make_toy_data_option_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_make_toy_data_option_errors_are_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["make-toy-data", str(tmp_path / "toy"), "--size", "16", "8"]) == 2
     one_error(capsys, "uda-sam make-toy-data: error: size must be at least 32x16 pixels, got 16x8")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main(["make-toy-data", str(tmp_path / "other"), "--num-val", "1"]) == 2
-    one_error(capsys, f"uda-sam make-toy-data: error: toy data root {tmp_path / 'other'} is a non-empty folder")
+    one_error(
+        capsys, f"uda-sam make-toy-data: error: toy data root {tmp_path / 'other'} is a non-empty folder"
+    )
 
 
 def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
@@ -236,15 +240,23 @@ def test_toy_stage2_ours(toy_runs: Path) -> None:
     assert list((run / "pseudo_labels").rglob("*.png"))
 
 
-def test_missing_dataset_root_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_dataset_root_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import wandb
 
     wandb.finish()  # an earlier test's run would be taken over by the logger instead of a new one
     # With the config's offline W&B logger: the failed start leaves no W&B run behind.
     with working_dir(tmp_path):
-        assert main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source_root=nowhere/gta5"]) == 2
+        assert (
+            main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source_root=nowhere/gta5"])
+            == 2
+        )
     one_error(capsys, "uda-sam fit: error: GTA5 root nowhere/gta5 does not exist")
-    assert list((tmp_path / "runs").rglob("*")) == [tmp_path / "runs" / "toy", tmp_path / "runs" / "toy" / "no_pseudo"]
+    assert list((tmp_path / "runs").rglob("*")) == [
+        tmp_path / "runs" / "toy",
+        tmp_path / "runs" / "toy" / "no_pseudo",
+    ]
 
 
 @pytest.mark.parametrize(

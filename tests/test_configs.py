@@ -14,7 +14,9 @@ from uda_sam.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OVERLAYS = ("logger", "trainer", "init")
 STAGE_CONFIGS = sorted(
-    p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in OVERLAYS and p.name != "pipeline.yaml"
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if p.relative_to(CONFIGS).parts[0] not in OVERLAYS and p.name != "pipeline.yaml"
 )
 PAPER_CONFIGS = [p for p in STAGE_CONFIGS if p.relative_to(CONFIGS).parts[0] != "toy"]
 

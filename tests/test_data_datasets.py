@@ -265,8 +265,11 @@ def test_cityscapes_labels_of_another_size_are_named(tmp_path: Path) -> None:
     label = tmp_path / "cs" / "gtFine" / "val" / "frankfurt" / "frankfurt_000001_000019_gtFine_labelIds.png"
     Image.fromarray(np.full((16, 32), 7, np.uint8), mode="L").save(label)
     for label_size in ("full", "resized"):
-        with pytest.raises(ValueError, match=rf"1 of 2 Cityscapes val gtFine labels .*{label} is 32x16, its image "
-                                             r"frankfurt_000001_000019_leftImg8bit\.png 64x32"):
+        with pytest.raises(
+            ValueError,
+            match=rf"1 of 2 Cityscapes val gtFine labels .*{label} is 32x16, its image "
+            r"frankfurt_000001_000019_leftImg8bit\.png 64x32",
+        ):
             Cityscapes(tmp_path / "cs", "val", size=(32, 16), label_size=label_size)
     assert len(Cityscapes(tmp_path / "cs", "val", labels="none")) == 2
 
@@ -274,14 +277,18 @@ def test_cityscapes_labels_of_another_size_are_named(tmp_path: Path) -> None:
     names = Cityscapes(tmp_path / "cs", labels="none").names
     fake.write_pseudo_labels(tmp_path / "pl", names, size=(32, 16))
     Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(tmp_path / "pl" / f"{names[1]}.png")
-    with pytest.raises(ValueError, match=rf"pseudo-label labels do not have the aspect ratio .*{names[1]}\.png is 16x16"):
+    with pytest.raises(
+        ValueError, match=rf"pseudo-label labels do not have the aspect ratio .*{names[1]}\.png is 16x16"
+    ):
         Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
 
 
 def test_synthia_label_of_another_size_is_named(tmp_path: Path) -> None:
     fake.write_fake_synthia(tmp_path, num_images=2)
     fake.write_rgb(tmp_path / "RGB" / "0000001.png", fake.fake_image(32, 16, seed=0))
-    with pytest.raises(ValueError, match=r"1 of 2 SYNTHIA labels .*0000001\.png is 64x32, its image 0000001\.png 32x16"):
+    with pytest.raises(
+        ValueError, match=r"1 of 2 SYNTHIA labels .*0000001\.png is 64x32, its image 0000001\.png 32x16"
+    ):
         Synthia(tmp_path)
 
 
@@ -361,7 +368,9 @@ def test_transform_random_scale_range() -> None:
         SegmentationTransform(normalization="bgr")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("image_size", [(64, 32), (50, 27)])  # twice the training size, and not a multiple of it
+@pytest.mark.parametrize(
+    "image_size", [(64, 32), (50, 27)]
+)  # twice the training size, and not a multiple of it
 def test_mask_at_the_training_size_is_taken_as_it_is(image_size: tuple[int, int]) -> None:
     """Pseudo labels stored at the training size: the image alone is resized, the mask is not resized at all."""
     rng = np.random.default_rng(0)

@@ -57,7 +57,9 @@ def test_layout_and_formats(tmp_path: Path) -> None:
     test = Cityscapes(root / "cityscapes", "test", size=None, labels="gt")
     assert test.names == ["eastholm/eastholm_000000_000019", "fairhaven/fairhaven_000000_000019"]
     assert not np.array_equal(test[0]["image"].numpy(), val[0]["image"].numpy())
-    gt_test = Image.open(root / "cityscapes" / "gtFine" / "test" / "eastholm" / "eastholm_000000_000019_gtFine_labelIds.png")
+    gt_test = Image.open(
+        root / "cityscapes" / "gtFine" / "test" / "eastholm" / "eastholm_000000_000019_gtFine_labelIds.png"
+    )
     assert np.array_equal(test[0]["mask"].numpy(), LABEL_ID_TO_TRAIN_ID[np.asarray(gt_test)])
     assert (test[0]["mask"] != 255).any()
     assert not list(tmp_path.glob(".toy.*"))  # no temporary folder left behind

@@ -30,7 +30,9 @@ class WriteMetrics(Callback):
 @pytest.mark.slow
 def test_two_process_validation_equals_one(tmp_path: Path, tiny_network: Callable) -> None:
     # 3 validation images on 2 processes: a padding DistributedSampler would evaluate one of them twice.
-    root = make_toy_data(tmp_path / "toy", num_source=2, num_target_train=2, num_val=3, size=(64, 32), source_size=(72, 40))
+    root = make_toy_data(
+        tmp_path / "toy", num_source=2, num_target_train=2, num_val=3, size=(64, 32), source_size=(72, 40)
+    )
     network = tiny_network(seed=7)
     results: dict[int, Any] = {}
     for devices in (1, 2):
@@ -46,8 +48,12 @@ def test_two_process_validation_equals_one(tmp_path: Path, tiny_network: Callabl
             default_root_dir=str(tmp_path),
         )
         datamodule = UDADataModule(
-            source_root=str(root / "gta5"), target_root=str(root / "cityscapes"), source_size=(72, 40),
-            target_size=(64, 32), num_workers=0, persistent_workers=False,
+            source_root=str(root / "gta5"),
+            target_root=str(root / "cityscapes"),
+            source_size=(72, 40),
+            target_size=(64, 32),
+            num_workers=0,
+            persistent_workers=False,
         )
         trainer.validate(SelfTraining(network=network, lambda_sa=0.0), datamodule=datamodule)
         results[devices] = json.loads(out.read_text())

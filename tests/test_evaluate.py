@@ -142,9 +142,15 @@ def test_labelid_files_scored_as_trainids_get_a_hint(dataset, tmp_path, capsys):
     # A weak model's official labelId output, holding labelIds 7..17 only: valid trainIds as well.
     pred_dir = tmp_path / "labelid_preds"
     for key, gt in gts.items():
-        write_png(pred_dir / f"{key}_leftImg8bit.png", np.where(gt < 7, 7, np.where(gt > 17, 11, gt)).astype(np.uint8))
+        write_png(
+            pred_dir / f"{key}_leftImg8bit.png",
+            np.where(gt < 7, 7, np.where(gt > 17, 11, gt)).astype(np.uint8),
+        )
     assert run_evaluate(pred_dir, gt_root, trainids=True) == 0
-    assert "Hint: no labelled pixel is predicted as trainIds 0..6 (road ... traffic light)" in capsys.readouterr().out
+    assert (
+        "Hint: no labelled pixel is predicted as trainIds 0..6 (road ... traffic light)"
+        in capsys.readouterr().out
+    )
     assert run_evaluate(pred_dir, gt_root) == 0  # as labelIds, the files are what they are: no hint
     assert "Hint" not in capsys.readouterr().out
     trainid_dir = tmp_path / "trainid_preds"

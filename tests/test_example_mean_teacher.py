@@ -42,7 +42,9 @@ def example_args(toy_root: Path, out: Path, steps: int = 3) -> list[str]:
 
 
 @pytest.mark.slow
-def test_mean_teacher_trains_with_the_sam_loss_from_the_shipped_configs(toy_root: Path, tmp_path: Path) -> None:
+def test_mean_teacher_trains_with_the_sam_loss_from_the_shipped_configs(
+    toy_root: Path, tmp_path: Path
+) -> None:
     sam_file = save_sam(SelfAttentionModule(19), tmp_path / "sam.pt")
     frozen = {k: v.clone() for k, v in torch.load(sam_file, weights_only=True)["state_dict"].items()}
     args = example_args(toy_root, tmp_path / "run") + [
@@ -64,7 +66,8 @@ def test_mean_teacher_trains_with_the_sam_loss_from_the_shipped_configs(toy_root
     model = cli.model
     assert not any(p.requires_grad for p in model.teacher.parameters())
     assert any(
-        not torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters(), strict=True)
+        not torch.equal(t, s)
+        for t, s in zip(model.teacher.parameters(), model.student.parameters(), strict=True)
     )
 
 

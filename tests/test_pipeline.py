@@ -74,7 +74,9 @@ def test_toy_pipeline_end_to_end(
             assert len(list(labels.rglob("*.png"))) == 4
             result = json.loads((stage / "result.json").read_text())
             assert result["pseudo_labels"] == str(labels)
-            assert 0.0 <= result["metrics"]["val/mIoU"] <= 1.0 and 0.0 <= result["metrics"]["test/mIoU"] <= 1.0
+            assert (
+                0.0 <= result["metrics"]["val/mIoU"] <= 1.0 and 0.0 <= result["metrics"]["test/mIoU"] <= 1.0
+            )
             assert result["metrics"]["train/peak_loss_growth"] < 100  # nothing diverged
         assert not (seed / setting / "generation_1" / "pseudo_labels").exists()
     sam = json.loads((seed / "sam_pretraining" / "result.json").read_text())["metrics"]
@@ -82,7 +84,11 @@ def test_toy_pipeline_end_to_end(
     assert sam["sam/target/lift"] > 0
 
     # Generation 2's labels come from generation 1's network.
-    record = json.loads((seed / "pseudo_only" / "generation_2" / "pseudo_labels" / "generation_2" / "thresholds.json").read_text())
+    record = json.loads(
+        (
+            seed / "pseudo_only" / "generation_2" / "pseudo_labels" / "generation_2" / "thresholds.json"
+        ).read_text()
+    )
     teacher = seed / "pseudo_only" / "generation_1" / "checkpoints" / "last.ckpt"
     assert record["description"]["teacher"] == str(teacher)
     assert record["key"]["teacher_sha256"] == state_dict_sha256(network_state_dict(teacher))
@@ -93,9 +99,13 @@ def test_toy_pipeline_end_to_end(
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     assert header[-2:] == ["gen 1", "gen 2"]
     assert "on the test split" in table  # the toy configs report on their labelled test split
-    body = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:5])}
+    body = {
+        cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:5])
+    }
     assert set(body) == {"No Pseudo", "SAM pretraining (network + SAM)", "Pseudo-Only", "Ours (8)&(10)"}
-    assert "same-class share" in table and "| held-out source | 1 |" in table and "| target val | 2 |" in table
+    assert (
+        "same-class share" in table and "| held-out source | 1 |" in table and "| target val | 2 |" in table
+    )
     assert "| Ours (8)&(10) gen 2 |" in table  # the peak-growth table
     for name in ("Pseudo-Only", "Ours (8)&(10)"):
         assert all(0.0 <= float(v) <= 100.0 for v in body[name][1:])
@@ -128,10 +138,14 @@ def test_stage_checkpoints_write_last_at_the_last_step(tmp_path: Path) -> None:
     assert best.dirpath == last[0].dirpath == str(tmp_path / "checkpoints")
 
 
-def test_refuses_a_folder_of_another_config(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refuses_a_folder_of_another_config(
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "pipeline.json").write_text(json.dumps({"source_file": "other.yaml", "record": {"something": "else"}}))
+    (out / "pipeline.json").write_text(
+        json.dumps({"source_file": "other.yaml", "record": {"something": "else"}})
+    )
     path = pipeline_file(tmp_path, toy_root)
     assert main(["pipeline", "--config", str(path)]) == 2
     assert "another pipeline configuration" in capsys.readouterr().err
@@ -152,7 +166,9 @@ def test_bad_stage_argument_gives_one_message(
     assert "Traceback" not in err and "Namespace(" not in err
 
 
-def test_refusal_names_what_changed(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refusal_names_what_changed(
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     stage = tmp_path / "pseudo_only.yaml"
     stage.write_text((TOY / "pseudo_only.yaml").read_text())
     path = pipeline_file(tmp_path, toy_root)

@@ -29,9 +29,7 @@ except ImportError:  # tests/ itself is on sys.path (no tests/__init__.py)
 
 
 def read_labels(folder: Path) -> dict[str, np.ndarray]:
-    return {
-        str(p.relative_to(folder)): np.array(Image.open(p)) for p in sorted(folder.rglob("*.png"))
-    }
+    return {str(p.relative_to(folder)): np.array(Image.open(p)) for p in sorted(folder.rglob("*.png"))}
 
 
 def teacher_checkpoint(path: Path, network: torch.nn.Module) -> Path:
@@ -39,7 +37,9 @@ def teacher_checkpoint(path: Path, network: torch.nn.Module) -> Path:
     return path
 
 
-def test_labels_equal_direct_thresholding(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+def test_labels_equal_direct_thresholding(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable
+) -> None:
     network = tiny_network(seed=3)
     dataset = toy_datamodule().target_inference_dataset()
     result = generate_pseudo_labels(network, dataset, tmp_path / "gen1", num_workers=0, progress=False)
@@ -119,15 +119,23 @@ def test_finished_folder_is_reused_only_when_made_the_same_way(
     smaller = generate(tiny_network(seed=1), toy_datamodule(target_size=(32, 16)).target_inference_dataset())
     assert [r.split(":")[0] for r in smaller.replaced] == ["size"]
     assert {Image.open(p).size for p in out.rglob("*.png")} == {(32, 16)}
-    assert not [p.name for p in tmp_path.iterdir() if p.name != "gen1"]  # no temporary or outdated folder left
+    assert not [
+        p.name for p in tmp_path.iterdir() if p.name != "gen1"
+    ]  # no temporary or outdated folder left
 
     # Asked to reuse: refused when made otherwise, naming what differs; or when there is nothing to reuse.
     with pytest.raises(FileExistsError, match=r"differs in cap: 0\.9 there, 0\.8 now"):
-        generate(tiny_network(seed=1), toy_datamodule(target_size=(32, 16)).target_inference_dataset(), cap=0.8,
-                 reuse="require")
+        generate(
+            tiny_network(seed=1),
+            toy_datamodule(target_size=(32, 16)).target_inference_dataset(),
+            cap=0.8,
+            reuse="require",
+        )
     with pytest.raises(FileNotFoundError, match="no finished pseudo-label generation"):
         generate_pseudo_labels(tiny_network(), dataset, tmp_path / "none", progress=False, reuse="require")
-    assert generate(tiny_network(seed=1), reuse="never").replaced  # made again although the size is all that differed
+    assert generate(
+        tiny_network(seed=1), reuse="never"
+    ).replaced  # made again although the size is all that differed
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "x.png").write_bytes(b"")
@@ -144,14 +152,19 @@ def test_callback_regenerates_for_a_retrained_teacher_or_another_size(
 
     def fit(teacher_seed: int, **data: Any) -> dict[str, np.ndarray]:
         teacher_checkpoint(teacher, tiny_network(seed=teacher_seed))
-        callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(labels.parent), num_workers=0)
+        callback = PseudoLabelRegeneration(
+            teacher_checkpoint=str(teacher), output_dir=str(labels.parent), num_workers=0
+        )
         fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(**data), callback, max_steps=1)
         return read_labels(labels)
 
     first = fit(teacher_seed=5)
     retrained = fit(teacher_seed=6)
     expected = generate_pseudo_labels(
-        tiny_network(seed=6), toy_datamodule().target_inference_dataset(), tmp_path / "reference", num_workers=0,
+        tiny_network(seed=6),
+        toy_datamodule().target_inference_dataset(),
+        tmp_path / "reference",
+        num_workers=0,
         progress=False,
     )
     assert retrained.keys() == first.keys()
@@ -165,9 +178,13 @@ def test_callback_regenerates_for_a_retrained_teacher_or_another_size(
 def test_bad_input(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
     dataset = toy_datamodule().target_inference_dataset()
     with pytest.raises(ValueError, match="predicts 7 classes"):
-        generate_pseudo_labels(tiny_network(num_classes=7), dataset, tmp_path / "g", num_workers=0, progress=False)
+        generate_pseudo_labels(
+            tiny_network(num_classes=7), dataset, tmp_path / "g", num_workers=0, progress=False
+        )
     with pytest.raises(ValueError, match="no images"):
-        generate_pseudo_labels(tiny_network(), torch.utils.data.Subset(dataset, []), tmp_path / "h", progress=False)
+        generate_pseudo_labels(
+            tiny_network(), torch.utils.data.Subset(dataset, []), tmp_path / "h", progress=False
+        )
     with pytest.raises(ValueError, match=r"num_bins must lie in 1\.\.32768"):
         generate_pseudo_labels(tiny_network(), dataset, tmp_path / "i", num_bins=40_000, progress=False)
     with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
@@ -224,24 +241,41 @@ def test_callback_generations_and_resume(
     monkeypatch.setattr(callback_module, "generate_pseudo_labels", counting_generate)
     # 4 target images, batch 1 -> 4 steps an epoch; generations of 4 steps; a checkpoint at step 6 (generation 2).
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
-    callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
-                                       num_generations=2, steps_per_generation=4, num_workers=0)
+    callback = PseudoLabelRegeneration(
+        teacher_checkpoint=str(teacher),
+        output_dir=str(tmp_path / "labels"),
+        num_generations=2,
+        steps_per_generation=4,
+        num_workers=0,
+    )
     datamodule = toy_datamodule()
     trainer, task = fit_with_regeneration(
-        tmp_path, tiny_network(), datamodule, callback, max_steps=8, callbacks=[callback, checkpoint],
+        tmp_path,
+        tiny_network(),
+        datamodule,
+        callback,
+        max_steps=8,
+        callbacks=[callback, checkpoint],
         enable_checkpointing=True,
     )
     assert calls == [1, 2]
     assert trainer.global_step == 8
-    assert callback.generation == 2 and datamodule.pseudo_label_root == str(tmp_path / "labels" / "generation_2")
+    assert callback.generation == 2 and datamodule.pseudo_label_root == str(
+        tmp_path / "labels" / "generation_2"
+    )
     assert task.schedule_origin == 4 and task.schedule_steps == 4  # the schedule restarted with generation 2
     gen1 = read_labels(tmp_path / "labels" / "generation_1")
     assert len(gen1) == 4 and len(read_labels(tmp_path / "labels" / "generation_2")) == 4
 
     # Resume from the mid-generation-2 checkpoint: generation 2 labels are reused, nothing is regenerated.
     calls.clear()
-    resumed_callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
-                                               num_generations=2, steps_per_generation=4, num_workers=0)
+    resumed_callback = PseudoLabelRegeneration(
+        teacher_checkpoint=str(teacher),
+        output_dir=str(tmp_path / "labels"),
+        num_generations=2,
+        steps_per_generation=4,
+        num_workers=0,
+    )
     resumed_dm = toy_datamodule()
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert saved, "no mid-run checkpoint"
@@ -254,7 +288,6 @@ def test_callback_generations_and_resume(
     assert trainer.global_step == 8
 
 
-
 class RecordTargets(Callback):
     """Records, per training step, the train loader and the target names and masks of the batch."""
 
@@ -263,7 +296,9 @@ class RecordTargets(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         target = batch["target"]
-        self.steps.append((trainer.global_step, trainer.train_dataloader, list(target["name"]), target["mask"]))
+        self.steps.append(
+            (trainer.global_step, trainer.train_dataloader, list(target["name"]), target["mask"])
+        )
 
 
 @pytest.mark.parametrize("persistent", [True, False])
@@ -273,11 +308,18 @@ def test_next_generation_batches_carry_its_labels_with_two_workers(
     """With 2 loader workers (persistent or not), generation 2's steps train on generation 2's labels, from the
     same train loader (no private Lightning state reset)."""
     teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
-    callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
-                                       num_generations=2, steps_per_generation=4, num_workers=0)
+    callback = PseudoLabelRegeneration(
+        teacher_checkpoint=str(teacher),
+        output_dir=str(tmp_path / "labels"),
+        num_generations=2,
+        steps_per_generation=4,
+        num_workers=0,
+    )
     record = RecordTargets()
     datamodule = toy_datamodule(num_workers=2, persistent_workers=persistent)
-    fit_with_regeneration(tmp_path, tiny_network(), datamodule, callback, max_steps=8, callbacks=[callback, record])
+    fit_with_regeneration(
+        tmp_path, tiny_network(), datamodule, callback, max_steps=8, callbacks=[callback, record]
+    )
     labels = {g: read_labels(tmp_path / "labels" / f"generation_{g}") for g in (1, 2)}
     assert any(not np.array_equal(labels[1][n], labels[2][n]) for n in labels[1])  # the generations differ
     assert [step for step, *_ in record.steps] == list(range(8))
@@ -286,6 +328,7 @@ def test_next_generation_batches_carry_its_labels_with_two_workers(
         generation = 1 if step < 4 else 2
         for name, mask in zip(names, masks, strict=True):
             assert np.array_equal(mask.numpy(), labels[generation][f"{name}.png"]), (step, name)
+
 
 class Killed(Exception):
     """Stands for the run being killed."""
@@ -319,17 +362,30 @@ def test_resume_from_last_checkpoint_is_exact(tmp_path: Path, toy_datamodule: Ca
     def fit(run: Path, kill_at: int | None = None) -> SelfTraining:
         last = run / "checkpoints" / "last.ckpt"
         callbacks = [
-            PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(run / "labels"),
-                                    num_generations=2, steps_per_generation=4, num_workers=0),
+            PseudoLabelRegeneration(
+                teacher_checkpoint=str(teacher),
+                output_dir=str(run / "labels"),
+                num_generations=2,
+                steps_per_generation=4,
+                num_workers=0,
+            ),
             LastStepCheckpoint(dirpath=str(run / "checkpoints"), every_n_train_steps=1),
             KillAt(kill_at),
         ]
         torch.manual_seed(0)
         task = SelfTraining(network=DropoutNet(), lambda_sa=0.0, lr=1e-2)
         trainer = Trainer(
-            accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=1,
-            default_root_dir=str(run), callbacks=callbacks,
+            accelerator="cpu",
+            max_steps=8,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            val_check_interval=3,
+            check_val_every_n_epoch=None,
+            limit_val_batches=1,
+            default_root_dir=str(run),
+            callbacks=callbacks,
         )
         # 4 images, batch 1, 2 steps an epoch: generation 1 is steps 1-4, generation 2 steps 5-8.
         datamodule = toy_datamodule(steps_per_epoch=2)
@@ -338,25 +394,40 @@ def test_resume_from_last_checkpoint_is_exact(tmp_path: Path, toy_datamodule: Ca
 
     uninterrupted = {k: v.clone() for k, v in fit(tmp_path / "a").network.state_dict().items()}
     run = tmp_path / "b"
-    for step in (3, 4, 7):  # generation 1 mid-epoch; generation 1's last step (before generation 2); generation 2
+    for step in (
+        3,
+        4,
+        7,
+    ):  # generation 1 mid-epoch; generation 1's last step (before generation 2); generation 2
         with pytest.raises(Killed):
             fit(run, kill_at=step)
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
     resumed = fit(run)
     assert resumed.trainer.global_step == 8 and resumed.schedule_origin == 4
     weights = resumed.network.state_dict()
-    assert weights.keys() == uninterrupted.keys() and all(torch.equal(weights[k], uninterrupted[k]) for k in weights)
+    assert weights.keys() == uninterrupted.keys() and all(
+        torch.equal(weights[k], uninterrupted[k]) for k in weights
+    )
     for generation in ("generation_1", "generation_2"):
         a, b = read_labels(tmp_path / "a" / "labels" / generation), read_labels(run / "labels" / generation)
         assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
 
 
-def test_callback_rejects_misaligned_generations(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+def test_callback_rejects_misaligned_generations(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable
+) -> None:
     teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
-    callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(tmp_path / "labels"),
-                                       num_generations=2, steps_per_generation=3, num_workers=0)
+    callback = PseudoLabelRegeneration(
+        teacher_checkpoint=str(teacher),
+        output_dir=str(tmp_path / "labels"),
+        num_generations=2,
+        steps_per_generation=3,
+        num_workers=0,
+    )
     # 4 images, batch 1: epochs of 4 steps, which 3 is not a multiple of. Refused before any label is made.
-    with pytest.raises(ValueError, match=r"steps_per_generation=3 is not a multiple of the training epoch \(4 steps\)"):
+    with pytest.raises(
+        ValueError, match=r"steps_per_generation=3 is not a multiple of the training epoch \(4 steps\)"
+    ):
         fit_with_regeneration(tmp_path, tiny_network(), toy_datamodule(), callback, max_steps=6)
     assert not (tmp_path / "labels").exists()
 
@@ -368,16 +439,25 @@ def test_callback_missing_teacher(tmp_path: Path, tiny_network: Callable, toy_da
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable) -> None:
+def test_two_process_ddp_equals_one_process(
+    tmp_path: Path, tiny_network: Callable, toy_datamodule: Callable
+) -> None:
     teacher = teacher_checkpoint(tmp_path / "teacher.ckpt", tiny_network(seed=5))
     folders = {}
     for devices in (1, 2):
         out = tmp_path / f"labels_{devices}"
-        callback = PseudoLabelRegeneration(teacher_checkpoint=str(teacher), output_dir=str(out), num_workers=0)
+        callback = PseudoLabelRegeneration(
+            teacher_checkpoint=str(teacher), output_dir=str(out), num_workers=0
+        )
         strategy = "ddp_spawn" if devices == 2 else "auto"
         fit_with_regeneration(
-            tmp_path / f"run_{devices}", tiny_network(), toy_datamodule(batch_size=1), callback, max_steps=1,
-            devices=devices, strategy=strategy,
+            tmp_path / f"run_{devices}",
+            tiny_network(),
+            toy_datamodule(batch_size=1),
+            callback,
+            max_steps=1,
+            devices=devices,
+            strategy=strategy,
         )
         folders[devices] = out / "generation_1"
     one, two = read_labels(folders[1]), read_labels(folders[2])
@@ -392,7 +472,9 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path, tiny_network: Callab
 
 
 # ------------------------------------------------------------------------------------------ the offline command
-def test_offline_pseudo_label_command(tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_offline_pseudo_label_command(
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from uda_sam.cli import main
     from uda_sam.nn import DeepLabV2
 
@@ -403,9 +485,21 @@ def test_offline_pseudo_label_command(tmp_path: Path, toy_root: Path, capsys: py
         "  source_size: [72, 40]\n  target_size: [64, 32]\n"
     )
     torch.manual_seed(0)
-    checkpoint = teacher_checkpoint(tmp_path / "teacher.ckpt", DeepLabV2(19, backbone="resnet18", freeze_bn=False))
+    checkpoint = teacher_checkpoint(
+        tmp_path / "teacher.ckpt", DeepLabV2(19, backbone="resnet18", freeze_bn=False)
+    )
     out = tmp_path / "labels" / "generation_1"
-    args = ["pseudo-label", "--config", str(config), "--config", str(data), "--num-workers", "0", "--output", str(out)]
+    args = [
+        "pseudo-label",
+        "--config",
+        str(config),
+        "--config",
+        str(data),
+        "--num-workers",
+        "0",
+        "--output",
+        str(out),
+    ]
     assert main([*args, "--checkpoint", str(checkpoint)]) == 0
     assert len(read_labels(out)) == 4 and (out / "thresholds.json").is_file()
     assert "pseudo-label maps" in capsys.readouterr().out

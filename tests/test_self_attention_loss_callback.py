@@ -74,7 +74,10 @@ def fit(host: LightningModule, callbacks: list[Callback], steps: int = 3, **kwar
 
 
 def test_weight_zero_leaves_losses_and_gradients_untouched(tiny_network: Callable) -> None:
-    plain, monitored = Host(tiny_network(num_classes=NUM_CLASSES)), Host(tiny_network(num_classes=NUM_CLASSES))
+    plain, monitored = (
+        Host(tiny_network(num_classes=NUM_CLASSES)),
+        Host(tiny_network(num_classes=NUM_CLASSES)),
+    )
     fit(plain, [])
     trainer = fit(monitored, [SelfAttentionLoss(trained_sam(), weight=0.0)])
     assert monitored.backpropagated == plain.backpropagated
@@ -115,8 +118,12 @@ def test_sam_stays_frozen_outside_the_host(tiny_network: Callable, tmp_path: Pat
     assert "training_step" not in vars(host)  # the host gets its own training_step back after fit
 
 
-@pytest.mark.parametrize(("precision", "sam_dtype"), [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
-def test_sam_follows_the_host_parameter_dtype(tiny_network: Callable, precision: str, sam_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("precision", "sam_dtype"), [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)]
+)
+def test_sam_follows_the_host_parameter_dtype(
+    tiny_network: Callable, precision: str, sam_dtype: torch.dtype
+) -> None:
     callback = SelfAttentionLoss(trained_sam(), weight=0.1)
     host = Host(tiny_network(num_classes=NUM_CLASSES))
     trainer = fit(host, [callback], steps=2, precision=precision)
@@ -130,7 +137,10 @@ def test_list_of_logits_adds_one_term_each(tiny_network: Callable) -> None:
             output = super().training_step(batch, batch_idx)
             return {"loss": output["loss"], "sam_logits": [output["sam_logits"], output["sam_logits"]]}
 
-    single, double = Host(tiny_network(num_classes=NUM_CLASSES)), TwoDomains(tiny_network(num_classes=NUM_CLASSES))
+    single, double = (
+        Host(tiny_network(num_classes=NUM_CLASSES)),
+        TwoDomains(tiny_network(num_classes=NUM_CLASSES)),
+    )
     fit(single, [SelfAttentionLoss(trained_sam(), weight=1.0)], steps=1)
     fit(double, [SelfAttentionLoss(trained_sam(), weight=1.0)], steps=1)
     host_only = Host(tiny_network(num_classes=NUM_CLASSES))
@@ -193,7 +203,9 @@ class SaveWeights(Callback):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_with_the_double_batch(tiny_network: Callable, tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one_process_with_the_double_batch(
+    tiny_network: Callable, tmp_path: Path
+) -> None:
     # 2 processes x batch 1 see the same images per step as 1 process x batch 2, and DDP averages the gradients.
     results = {}
     for devices, batch_size in ((1, 2), (2, 1)):

@@ -353,7 +353,15 @@ def test_sam_export_round_trip(tmp_path: Path, tiny_network, toy_datamodule) -> 
     )
     exported = tmp_path / "sam.pt"  # default: <default_root_dir>/sam.pt without a logger
     payload = torch.load(exported, weights_only=True)
-    assert set(payload) == {"state_dict", "num_classes", "embed_channels", "kernel_size", "use_conv", "layer", "attention_quality"}
+    assert set(payload) == {
+        "state_dict",
+        "num_classes",
+        "embed_channels",
+        "kernel_size",
+        "use_conv",
+        "layer",
+        "attention_quality",
+    }
     assert payload["num_classes"] == 19 and payload["layer"] == "prediction"
     trained = state_copy(task.sam)
     assert not torch.equal(
