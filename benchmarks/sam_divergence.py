@@ -52,7 +52,7 @@ from machine import machine_info  # noqa: E402
 
 from uda_sam.data import Cityscapes, UDADataModule  # noqa: E402
 from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
-from uda_sam.nn import DeepLabV2, self_attention_loss  # noqa: E402
+from uda_sam.nn import DeepLabV2, logit_norm, self_attention_loss  # noqa: E402
 from uda_sam.nn.sam_io import load_network_weights  # noqa: E402
 from uda_sam.tasks import SelfTraining  # noqa: E402
 
@@ -186,7 +186,7 @@ class DiagnosedSelfTraining(SelfTraining):
         logits_t = self._outputs[-1]
         record: dict[str, float] = {"step": float(self.global_step), "loss": float(total.detach())}
         record.update({name: float(value.detach()) for name, value in self._terms.items()})
-        record["logit_norm"] = float(logits_t.detach().norm(dim=1).mean())
+        record["logit_norm"] = float(logit_norm(logits_t))
         record["shift"] = float(logits_t.detach().mean(dim=1).mean())
         record["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         if "loss_seg_target" in self._terms:

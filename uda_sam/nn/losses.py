@@ -33,7 +33,8 @@ def logit_norm(logits: Tensor) -> Tensor:
     """The mean L2 norm of a pixel's logit row, ``mean_i |P_i|`` over the ``B * h * w`` pixels (no gradient).
 
     The scale of the logits: it grows a few times while a network becomes confident and by orders of magnitude when
-    a loss drives the logits away (docs/METHOD.md, "Stability of (8)"). Logged as ``train/logit_norm``.
+    a loss drives the logits away (docs/METHOD.md, "Stability of the residual form (8)"). Logged as
+    ``train/logit_norm``.
 
     Args:
         logits: ``(B, C, h, w)`` logits.
