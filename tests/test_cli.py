@@ -345,3 +345,17 @@ def test_published_model_validates_and_teaches(toy_root: Path, tmp_path: Path) -
         args = ["--checkpoint", str(model), "--output", "generation_1", "--num-workers", "0"]
         assert main(["pseudo-label", *configs, *args]) == 0
     assert len(list((tmp_path / "generation_1").rglob("*.png"))) == 4
+
+
+def test_pseudo_label_merges_network_sections_as_fit_does() -> None:
+    from uda_sam.cli.pseudo_label import merge_network_sections
+
+    stage = {"class_path": "uda_sam.nn.FCN8s", "init_args": {"num_classes": 7, "pretrained": "imagenet"}}
+    fragment = {"class_path": "FCN8s", "init_args": {"style": "caffe", "pretrained": "vgg16_from_caffe.pth"}}
+    merged = merge_network_sections(stage, fragment)
+    assert merged["init_args"] == {"num_classes": 7, "pretrained": "vgg16_from_caffe.pth", "style": "caffe"}
+    assert (
+        merge_network_sections(merged, {"init_args": {"weights": "m.pth"}})["init_args"]["num_classes"] == 7
+    )
+    other = {"class_path": "uda_sam.nn.DeepLabV2", "init_args": {"style": "caffe"}}
+    assert merge_network_sections(stage, other) == other  # another class replaces the section

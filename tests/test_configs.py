@@ -109,6 +109,18 @@ def test_caffe_init_fragment_composes(capsys: pytest.CaptureFixture[str]) -> Non
     assert printed["data"]["normalization"] == "caffe" and printed["data"]["target_size"] == [1024, 512]
 
 
+def test_fcn8s_caffe_fragment_composes(capsys: pytest.CaptureFixture[str]) -> None:
+    fragment = CONFIGS / "init" / "fcn8s_caffe.yaml"
+    printed = print_config(capsys, CONFIGS / "fcn8s" / "gta5" / "ours_8_10.yaml", fragment)
+    network = printed["model"]["init_args"]["network"]
+    assert network["class_path"] == "uda_sam.nn.FCN8s"
+    assert network["init_args"]["style"] == "caffe" and network["init_args"]["weights"] is None
+    assert network["init_args"]["pretrained"].endswith("vgg16_from_caffe.pth")
+    assert network["init_args"]["num_classes"] == 19
+    assert printed["model"]["init_args"]["lr"] == 1.0e-5  # the stage's own recipe is kept
+    assert printed["data"]["normalization"] == "caffe"
+
+
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=rel)
 def test_paper_hyperparameters(path: Path) -> None:
     config = load(path)

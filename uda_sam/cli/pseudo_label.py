@@ -7,8 +7,9 @@ For users who run each generation as a separate ``fit``::
     uda-sam fit --config configs/gta5/pseudo_only.yaml --data.pseudo_label_root pseudo_labels/generation_1 ...
 
 Only the config's ``data`` section and ``model.init_args.network`` are read: the network is built as configured and
-filled with the checkpoint's weights (a DeepLabV2 also reads published models, e.g. BDL's source-only GTA5 model with
-``--config configs/init/deeplab_caffe.yaml``); the target training images come from the datamodule, without
+filled with the checkpoint's weights (a DeepLabV2 or an FCN8s also reads published models, e.g. BDL's source-only GTA5
+model with ``--config configs/init/deeplab_caffe.yaml``, its VGG16 one with ``configs/init/fcn8s_caffe.yaml``); later
+config files update the earlier ones as in ``uda-sam fit``; the target training images come from the datamodule, without
 augmentation.
 """
 
@@ -23,6 +24,24 @@ import torch
 import yaml
 
 __all__ = ["main"]
+
+
+def _same_class(a: object, b: object) -> bool:
+    # "DeepLabV2" and "uda_sam.nn.DeepLabV2" name the same class, as jsonargparse resolves them.
+    return a is None or b is None or str(a).rsplit(".", 1)[-1] == str(b).rsplit(".", 1)[-1]
+
+
+def merge_network_sections(earlier: dict | None, later: dict) -> dict:
+    """A later config's ``model.init_args.network`` over an earlier one's, as ``uda-sam fit`` merges them.
+
+    Without a ``class_path``, or with the same class, the later ``init_args`` update the earlier ones (so a fragment
+    such as ``configs/init/fcn8s_caffe.yaml`` changes the style and keeps the stage's class count); another class
+    replaces the section.
+    """
+    if earlier is None or not _same_class(later.get("class_path"), earlier.get("class_path")):
+        return later
+    init_args = {**(earlier.get("init_args") or {}), **(later.get("init_args") or {})}
+    return {**earlier, **{k: v for k, v in later.items() if k != "init_args"}, "init_args": init_args}
 
 
 def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
@@ -40,7 +59,7 @@ def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
             merged["data"] = {**merged.get("data", {}), **raw["data"]}
         network = ((raw.get("model") or {}).get("init_args") or {}).get("network")
         if network is not None:
-            merged["network"] = network
+            merged["network"] = merge_network_sections(merged.get("network"), network)
     for key, where in (("data", "data"), ("network", "model.init_args.network")):
         if key not in merged:
             raise ValueError(f"--config: none of {list(config_files)} has a `{where}` section")

@@ -12,6 +12,7 @@ from .caffe_resnet import CaffeResNet
 from .checkpoints import load_deeplab_checkpoint, load_deeplab_state_dict
 from .deeplabv2 import AtrousClassifier, CaffeAtrousClassifier, DeepLabV2
 from .fcn8s import FCN8s
+from .fcn8s_files import load_fcn8s_checkpoint, load_fcn8s_state_dict
 from .losses import logit_norm, segmentation_loss, self_attention_loss
 from .sam import (
     AUTO_FULL_MAX_BYTES,
@@ -36,6 +37,8 @@ __all__ = [
     "build_vgg16_features",
     "load_deeplab_checkpoint",
     "load_deeplab_state_dict",
+    "load_fcn8s_checkpoint",
+    "load_fcn8s_state_dict",
     "load_network_weights",
     "load_sam",
     "load_weights_only",

@@ -101,8 +101,15 @@ def read_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """
     file = Path(path).expanduser()
     if not file.is_file():
+        hint = ""
+        if str(path) in ("None", "null"):
+            hint = (
+                "; a null given on the command line to an option inside a class (--model.init_args.network.init_args"
+                ".pretrained null) reaches it as the string 'None' (jsonargparse): write `pretrained: null` in a "
+                "config file, or pass --model.init_args.network '{init_args: {pretrained: null}}'"
+            )
         raise FileNotFoundError(
-            f"weights file not found: '{file}' (expected a state dict saved with torch.save)"
+            f"weights file not found: '{file}' (expected a state dict saved with torch.save){hint}"
         )
     obj = load_weights_only(file)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -29,6 +29,8 @@ from uda_sam.files import write_atomically
 from .backbones import load_weights_only
 from .checkpoints import load_deeplab_state_dict
 from .deeplabv2 import DeepLabV2
+from .fcn8s import FCN8s
+from .fcn8s_files import load_fcn8s_state_dict
 from .sam import SelfAttentionModule
 
 __all__ = [
@@ -272,36 +274,44 @@ def network_state_dict(path: str | os.PathLike[str], option: str = "checkpoint")
     return _lightning_network_weights(obj, path, option)
 
 
+def _published_file_reader(network: torch.nn.Module) -> tuple[Any, str] | None:
+    """The reader of ``network``'s published / exported weights files, and what it reads, if it has one."""
+    if isinstance(network, DeepLabV2):
+        return load_deeplab_state_dict, "a DeepLabV2 weights file (published or exported)"
+    if isinstance(network, FCN8s):
+        return load_fcn8s_state_dict, "an FCN-8s weights file (BDL / FDA at-once layout, or exported)"
+    return None
+
+
 def load_network_weights(
     network: torch.nn.Module, checkpoint_path: str | os.PathLike[str], option: str = "checkpoint"
 ) -> None:
-    """Load a trained network into ``network``: a uda-sam Lightning checkpoint, or any DeepLabV2 weights file.
+    """Load a trained network into ``network``: a uda-sam Lightning checkpoint, or a network's weights file.
 
     A :class:`~uda_sam.nn.DeepLabV2` also reads what :func:`~uda_sam.nn.load_deeplab_checkpoint` reads: the
-    published models of AdaptSegNet, ADVENT, BDL, FDA and CRST (with ``style="caffe"``) and exported state dicts,
-    so that a published source-only model can make generation 1's pseudo labels.
+    published models of AdaptSegNet, ADVENT, BDL, FDA and CRST (with ``style="caffe"``) and exported state dicts;
+    an :class:`~uda_sam.nn.FCN8s` what :func:`~uda_sam.nn.load_fcn8s_checkpoint` reads (BDL's and FDA's VGG16
+    models with ``style="caffe"``); so that a published source-only model can make generation 1's pseudo labels.
 
     Args:
         network: The network to fill (same architecture and number of classes as the checkpoint's).
-        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``), or for a DeepLabV2 any file above.
+        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``), or for these networks any file above.
         option: Name of the option that gave the path, for error messages.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a uda-sam network checkpoint (nor, for a DeepLabV2, another supported layout) or
-            its weights do not fit ``network``.
+        ValueError: If it is not a uda-sam network checkpoint (nor, for these networks, another supported layout)
+            or its weights do not fit ``network``.
     """
-    deeplab = isinstance(network, DeepLabV2)
-    expected = "a Lightning checkpoint of a uda_sam task (.ckpt)" + (
-        " or a DeepLabV2 weights file (published or exported)" if deeplab else ""
-    )
+    reader = _published_file_reader(network)
+    expected = "a Lightning checkpoint of a uda_sam task (.ckpt)" + (f" or {reader[1]}" if reader else "")
     obj = read_checkpoint(checkpoint_path, option, expected=expected)
     lightning = isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
     weights = _lightning_network_weights(obj, checkpoint_path, option) if lightning else obj
-    if deeplab:
-        # Checks the layout, style, backbone, class count and branches, with messages naming the keys at fault.
+    if reader is not None:
+        # Checks the layout, style, class count (and for DeepLabV2 backbone and branches), naming the keys at fault.
         try:
-            load_deeplab_state_dict(network, weights, f"weights file '{checkpoint_path}'")
+            reader[0](network, weights, f"weights file '{checkpoint_path}'")
         except ValueError as error:
             raise ValueError(f"{option}: {error}") from error
         return
