@@ -37,8 +37,8 @@ _CAFFE_BLOCKS: tuple[tuple[str, ...], ...] = tuple(
 # own maps) and of the final upsampling, and the scales applied to pool4 / pool3 before their score layers.
 _PAD, _POOL4_OFFSET, _POOL3_OFFSET, _FINAL_OFFSET = 100, 5, 9, 31
 _POOL4_SCALE, _POOL3_SCALE = 0.01, 0.0001
-# The first stride-8 cell the final upsampling reads for the image (the ones before it see only the padding), and
-# where the image starts in the x8 upsampling of the cells kept from there: 31 - 8 * 2.
+# The first stride-8 cell the final upsampling reads for a pixel of the image (the two before it are read only for
+# the padding), and where the image starts in the x8 upsampling of the cells kept from there: 31 - 8 * 2.
 _FIRST_CELL = 2
 _KEPT_OFFSET = _FINAL_OFFSET - 8 * _FIRST_CELL
 
@@ -70,8 +70,8 @@ def _crop(score: Tensor, offset: int, size: torch.Size) -> Tensor:
 def caffe_cells(length: int) -> int:
     """How many stride-8 cells the caffe style's ``forward`` keeps for an image side of ``length`` pixels.
 
-    The final upsampling reads fused cells 2 .. ``floor((length + 30) / 8)`` for the image (kernel 16, stride 8,
-    crop at 31); the cells outside see only the 100-pixel padding.
+    The final upsampling (kernel 16, stride 8, crop at 31) reads fused cells 2 .. ``floor((length + 30) / 8)`` for
+    the pixels of the image; the cells outside that range are read only for the 100-pixel padding, which is cropped.
     """
     return (length + _FINAL_OFFSET - 1) // 8 - _FIRST_CELL + 1
 
