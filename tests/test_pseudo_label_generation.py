@@ -241,13 +241,17 @@ def test_callback_generations_and_resume(
     monkeypatch.setattr(callback_module, "generate_pseudo_labels", counting_generate)
     # 4 target images, batch 1 -> 4 steps an epoch; generations of 4 steps; a checkpoint at step 6 (generation 2).
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
-    callback = PseudoLabelRegeneration(
-        teacher_checkpoint=str(teacher),
-        output_dir=str(tmp_path / "labels"),
-        num_generations=2,
-        steps_per_generation=4,
-        num_workers=0,
-    )
+
+    def regeneration() -> PseudoLabelRegeneration:
+        return PseudoLabelRegeneration(
+            teacher_checkpoint=str(teacher),
+            output_dir=str(tmp_path / "labels"),
+            num_generations=2,
+            steps_per_generation=4,
+            num_workers=0,
+        )
+
+    callback = regeneration()
     datamodule = toy_datamodule()
     trainer, task = fit_with_regeneration(
         tmp_path,
@@ -269,13 +273,7 @@ def test_callback_generations_and_resume(
 
     # Resume from the mid-generation-2 checkpoint: generation 2 labels are reused, nothing is regenerated.
     calls.clear()
-    resumed_callback = PseudoLabelRegeneration(
-        teacher_checkpoint=str(teacher),
-        output_dir=str(tmp_path / "labels"),
-        num_generations=2,
-        steps_per_generation=4,
-        num_workers=0,
-    )
+    resumed_callback = regeneration()
     resumed_dm = toy_datamodule()
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert saved, "no mid-run checkpoint"

@@ -76,6 +76,11 @@ def caffe_cells(length: int) -> int:
     return (length + _FINAL_OFFSET - 1) // 8 - _FIRST_CELL + 1
 
 
+def _largest_caffe_length(cells: int) -> int:
+    """The largest image side whose ``caffe_cells`` is ``cells`` (the inverse of :func:`caffe_cells` from above)."""
+    return 8 * (cells + _FIRST_CELL) - _FINAL_OFFSET
+
+
 class FCN8s(nn.Module):
     """FCN-8s: VGG16 with fully convolutional fc6/fc7 and skip fusions of pool4 and pool3 at stride 8.
 
@@ -224,7 +229,7 @@ class FCN8s(nn.Module):
         if self.style == "pytorch":
             full_h, full_w = out.shape[-2:]
         else:
-            full_h, full_w = (8 * n - 8 * _FIRST_CELL + 1 for n in logits.shape[-2:])
+            full_h, full_w = (_largest_caffe_length(n) for n in logits.shape[-2:])
             out = out[..., _KEPT_OFFSET : _KEPT_OFFSET + full_h, _KEPT_OFFSET : _KEPT_OFFSET + full_w]
         if 0 <= full_h - height < 8 and 0 <= full_w - width < 8:
             return out[..., :height, :width]

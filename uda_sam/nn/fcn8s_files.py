@@ -89,26 +89,28 @@ def _from_torchvision_vgg16(items: dict[str, Tensor], network: FCN8s, source: st
     """A torchvision VGG16's convolutions and fc6/fc7 under ``network``'s names (fc layers reshaped)."""
     items = dict(items)
     state: dict[str, Tensor] = {}
-    for name, fc in (("classifier.0", network.fc6), ("classifier.3", network.fc7)):
+    for name, own in (("classifier.0", "fc6"), ("classifier.3", "fc7")):
+        fc = getattr(network, own)
         weight, bias = items.pop(f"{name}.weight", None), items.pop(f"{name}.bias", None)
         if weight is None or bias is None or weight.numel() != fc.weight.numel():
             raise ValueError(
                 f"weights from {source} must hold torchvision VGG16 entries '{name}.weight' with "
                 f"{fc.weight.numel()} values and '{name}.bias'"
             )
-        own = "fc6" if fc is network.fc6 else "fc7"
         state[f"{own}.weight"], state[f"{own}.bias"] = weight.reshape(fc.weight.shape), bias
     items = {k: v for k, v in items.items() if not k.startswith("classifier.6.")}
     others = sorted(k for k in items if not k.startswith("features."))
     if others:
         raise ValueError(f"weights from {source} have keys that are not VGG16's: {summarize_keys(others)}")
-    names = dict(zip(_TORCHVISION_CONVS, CAFFE_CONV_NAMES, strict=True))
-    for key, value in items.items():
-        _, index, param = key.split(".", 2) if key.count(".") >= 2 else (key, "", "")
-        if network.style == "caffe" and index.isdigit() and int(index) in names:
-            key = f"{names[int(index)]}.{param}"
-        state[key] = value
-    return state
+    if network.style == "caffe":  # features.{i}.weight -> conv{b}_{j}.weight; other keys stay, to be reported
+        renamed = {
+            f"features.{i}.": f"{name}." for i, name in zip(_TORCHVISION_CONVS, CAFFE_CONV_NAMES, strict=True)
+        }
+        for key in list(items):
+            prefix = key[: key.rfind(".") + 1]
+            if prefix in renamed:
+                items[renamed[prefix] + key[len(prefix) :]] = items.pop(key)
+    return {**items, **state}
 
 
 def _classes(items: Mapping[str, Tensor]) -> int | None:
