@@ -19,7 +19,13 @@ from uda_sam.data.gta5 import GTA5
 from uda_sam.data.image_folder import ImageFolder
 from uda_sam.data.switchable import SwitchableLabels
 from uda_sam.data.synthia import Synthia
-from uda_sam.data.transforms import check_normalization, check_scale, check_size
+from uda_sam.data.transforms import (
+    augmentation_seed,
+    check_normalization,
+    check_scale,
+    check_size,
+    sample_seed,
+)
 
 
 def _target_train_set(label_root: str | None, use_pseudo_labels: bool, **options: Any) -> Cityscapes:
@@ -28,12 +34,16 @@ def _target_train_set(label_root: str | None, use_pseudo_labels: bool, **options
 
 
 class EpochSampler(DistributedSampler):
-    """This process's share of ``num_samples`` indices an epoch: reshuffled passes over ``size`` items, cycling as needed.
+    """This process's share of ``num_samples`` draws an epoch: reshuffled passes over ``size`` items, cycling as needed.
 
     The order of an epoch depends only on ``seed`` and the epoch number (:meth:`set_epoch`, which Lightning calls at
-    every epoch start), so every process draws the same sequence and keeps every ``num_replicas``-th index from
-    ``rank`` on. Being a ``DistributedSampler``, it is not wrapped again by Lightning under DDP. ``start`` skips the
-    first indices of this process's next pass only: a run resumed mid-epoch continues where it stopped.
+    every epoch start), so every process draws the same sequence and keeps every ``num_replicas``-th draw from
+    ``rank`` on. Each draw is an ``(index, augmentation seed)`` pair (read by :class:`SeededSamples`); the seed is
+    :func:`~uda_sam.data.transforms.sample_seed` of ``seed``, the epoch and the draw's position in the whole epoch,
+    so an item drawn twice is augmented twice, differently, and a draw is augmented alike whichever process,
+    worker or run loads it. Being a ``DistributedSampler``, it is not wrapped again by Lightning under DDP.
+    ``start`` skips the first draws of this process's next pass only: a run resumed mid-epoch continues where it
+    stopped.
 
     Args:
         size: Items in the dataset.
@@ -57,13 +67,32 @@ class EpochSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         passes = -(-self.total_size // self.size)
-        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
-        mine = order[: self.total_size][self.rank :: self.num_replicas].tolist()
-        start, self.start = self.start, 0
-        return iter(mine[start:])
+        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)]).tolist()
+        positions = range(self.rank, self.total_size, self.num_replicas)[self.start :]
+        self.start = 0
+        seed, epoch = self.seed, self.epoch
+        return ((order[p], sample_seed(seed, epoch, p)) for p in positions)
+
+
+class SeededSamples(Dataset):
+    """A dataset read with ``(index, seed)`` keys: item ``index`` of ``dataset``, augmented from ``seed``.
+
+    The keys come from an :class:`EpochSampler`; see :func:`~uda_sam.data.transforms.augmentation_seed`.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with augmentation_seed(seed):
+            return self.dataset[index]
 
 
 class EpochLoader(DataLoader):
@@ -108,7 +137,9 @@ class UDADataModule(LightningDataModule):
     (:class:`EpochSampler`). Training is iteration-based: set ``trainer.max_steps`` (epochs simply continue).
     Under DDP every process takes its own share of each epoch. The orders depend only on the seed and the epoch,
     and the loaders record their position in checkpoints, so a run resumed from any checkpoint sees the batches an
-    uninterrupted run would (:class:`EpochLoader`); no loader draws from the global random generator.
+    uninterrupted run would (:class:`EpochLoader`); no loader draws from the global random generator. The random
+    scale, crop and flip of each training draw depend only on the seed, the epoch and the draw's position in it
+    (:class:`EpochSampler`), so a resumed run augments as an uninterrupted one, whatever its loader workers.
 
     Target training masks are the pseudo labels of ``pseudo_label_root`` when set, else all 255. Validation runs on
     Cityscapes val (image at ``target_size``; mask at full resolution when ``val_label_size="full"``), test on
@@ -398,7 +429,9 @@ class UDADataModule(LightningDataModule):
             rank=int(trainer.global_rank) if trainer is not None else 0,
         )
         generator = torch.Generator().manual_seed(seed)
-        return EpochLoader(dataset, sampler, self.batch_size, generator=generator, **self._loader_options())
+        return EpochLoader(
+            SeededSamples(dataset), sampler, self.batch_size, generator=generator, **self._loader_options()
+        )
 
     def train_dataloader(self) -> CombinedLoader:
         """``CombinedLoader({"source": ..., "target": ...})`` of two :class:`EpochLoader` of one epoch's length."""

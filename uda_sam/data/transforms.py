@@ -9,7 +9,10 @@ ImageNet convention (RGB, [0, 1] scale, mean/std) or the Caffe convention of Dee
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import albumentations as A
@@ -25,6 +28,35 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: Caffe mean in **BGR** order on the 0-255 scale (the value used by DeepLab/BDL/ADVENT).
 CAFFE_MEAN_BGR: tuple[float, float, float] = (104.00698793, 116.66876762, 122.67891434)
+
+
+#: The augmentation seed of the sample being loaded in this process (see :func:`augmentation_seed`).
+_SAMPLE_SEED: ContextVar[int | None] = ContextVar("uda_sam_sample_seed", default=None)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the ``position``-th draw of an epoch: a function of the three numbers only.
+
+    A training draw's random scale, crop and flip depend on nothing else (not the process, loader worker or rank
+    that loads it, nor what was loaded before), so a resumed run augments each draw as an uninterrupted one does.
+    """
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+@contextmanager
+def augmentation_seed(seed: int | None) -> Iterator[None]:
+    """Augment the samples loaded in this block from ``seed`` (``None``: the transform's own generator).
+
+    Example::
+
+        with augmentation_seed(sample_seed(seed, epoch, position)):
+            sample = dataset[index]
+    """
+    token = _SAMPLE_SEED.set(seed)
+    try:
+        yield
+    finally:
+        _SAMPLE_SEED.reset(token)
 
 
 def check_size(size: Sequence[int] | None, name: str) -> tuple[int, int] | None:
@@ -77,9 +109,11 @@ class SegmentationTransform:
         resize_mask: when ``False`` only the image is resized and the mask keeps its native size (evaluation
             at full label resolution); incompatible with any augmentation.
 
-    Augmentation randomness comes from albumentations' own generator, reseeded once per process from
-    ``torch.initial_seed()``: data-loader workers then draw different (and, under ``seed_everything``,
-    reproducible) augmentations instead of copies of the parent's generator state.
+    Inside :func:`augmentation_seed` (the training loaders of :class:`~uda_sam.data.UDADataModule` load every
+    sample so), a sample's augmentation is drawn from that seed alone. Elsewhere it comes from one generator per
+    process, seeded from ``torch.initial_seed()``: data-loader workers then draw different (and, under
+    ``seed_everything``, reproducible) augmentations instead of copies of the parent's generator state. Either
+    way the transforms share one stream of random numbers, so that no two of them draw the same numbers.
     """
 
     def __init__(
@@ -154,12 +188,23 @@ class SegmentationTransform:
             self._after_resize = None
         self._seeded_for: tuple[int, int] | None = None
 
+    def _seed(self, seed: int) -> None:
+        # One numpy and one Python generator for every transform: albumentations' set_random_seed would give
+        # each transform its own generator with the same seed, and the scale and the crop offset the same number.
+        numpy_generator, python_generator = np.random.default_rng(seed), random.Random(seed)
+        for pipeline in (self._joint, self._after_resize):
+            if pipeline is not None:
+                pipeline.set_random_state(numpy_generator, python_generator)
+
     def _reseed(self) -> None:
+        seed = _SAMPLE_SEED.get()
+        if seed is not None:
+            self._seed(seed)
+            self._seeded_for = None  # the per-process stream starts again if a sample comes without a seed
+            return
         key = (os.getpid(), torch.initial_seed())
         if key != self._seeded_for:
-            for pipeline in (self._joint, self._after_resize):
-                if pipeline is not None:
-                    pipeline.set_random_seed(torch.initial_seed() % 2**32)
+            self._seed(torch.initial_seed() % 2**32)
             self._seeded_for = key
 
     def takes_mask_at_size(self, mask_shape: Sequence[int], image_shape: Sequence[int]) -> bool:
