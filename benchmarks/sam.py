@@ -17,7 +17,12 @@ Memory is measured as follows:
   This counts everything the process touched (tensors, allocator and BLAS workspaces), not only tensors. Without
   ``clear_refs`` the worker falls back to ``ru_maxrss`` (which then also covers start-up).
 
-Results go to ``benchmarks/results/sam_<machine>.md`` and ``.json`` with the machine, torch version and targets.
+``--time-box SECONDS`` bounds the whole run: each configuration gets an even share of what is left and stops
+repeating when its share is used (after at least one timed run); configurations that no longer fit are recorded as
+skipped. The results files are rewritten after every configuration, so a run cut short still leaves them.
+
+Results go to ``benchmarks/results/sam_<machine>.md`` and ``.json`` (``--out-dir``, ``--stem``) with the machine,
+torch version and targets.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
-from timing import timed  # benchmarks/timing.py
+from timing import TimeBox, timed  # benchmarks/timing.py
 
 try:
     from uda_sam.nn import SelfAttentionModule
@@ -70,9 +76,21 @@ def _reset_cpu_peak() -> bool:
 
 
 def run_config(
-    impl: str, num_pixels: int, channels: int, block_size: int, device: str, warmup: int, repeats: int
+    impl: str,
+    num_pixels: int,
+    channels: int,
+    block_size: int,
+    device: str,
+    warmup: int,
+    repeats: int,
+    seconds: float = float("inf"),
 ) -> dict:
-    """Run one configuration in this process and return its measurements."""
+    """Run one configuration in this process and return its measurements.
+
+    Repeats stop once ``seconds`` have passed (after at least one timed run); ``repeats`` in the result is the
+    number of timed runs made.
+    """
+    stop_at = time.monotonic() + seconds
     torch.manual_seed(0)
     dev = torch.device(device)
     height, width = grid_for(num_pixels)
@@ -98,10 +116,13 @@ def run_config(
     try:
         for _ in range(warmup):
             step()
-        times = [step() for _ in range(repeats)]
+        times = [step()]
+        while len(times) < repeats and time.monotonic() < stop_at:
+            times.append(step())
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
         return result
+    result["repeats"] = len(times)
     result["median_ms"] = 1000 * statistics.median(times)
     result["min_ms"] = 1000 * min(times)
     if dev.type == "cuda":
@@ -123,16 +144,24 @@ def run_config(
     return result
 
 
-def run_in_subprocess(args: argparse.Namespace, impl: str, num_pixels: int) -> dict:
-    """CPU: one fresh process per configuration, so peaks do not carry over."""
+def run_in_subprocess(
+    args: argparse.Namespace, impl: str, num_pixels: int, seconds: float, box: TimeBox
+) -> dict:
+    """CPU: one fresh process per configuration, so peaks do not carry over (killed when ``box`` runs out)."""
     config = {"impl": impl, "n": num_pixels, "channels": args.channels, "block_size": args.block_size,
-              "device": "cpu", "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+              "device": "cpu", "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+              "seconds": seconds}  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=max(box.left(), 1.0) if box.seconds is not None else None,
+        )
+    except subprocess.TimeoutExpired:
+        box.reached = True
+        return {"impl": impl, "N": num_pixels, "error": "killed: time box used up"}
     if proc.returncode != 0:
         return {
             "impl": impl,
@@ -143,7 +172,7 @@ def run_in_subprocess(args: argparse.Namespace, impl: str, num_pixels: int) -> d
 
 
 def check_targets(device: str, rows: list[dict]) -> list[str]:
-    """The figures of the issue, as PASS/FAIL lines (only those measured)."""
+    """The targets, as PASS/FAIL lines (only those measured)."""
     found = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
     lines = []
     if device == "cpu" and ("blockwise", 16384) in found:
@@ -168,14 +197,45 @@ def check_targets(device: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def headline(rows: list[dict], planned: int, targets: list[str]) -> str:
+    """One line: configurations measured, the largest blockwise one, and the target verdicts."""
+    done = [r for r in rows if "error" not in r]
+    parts = [f"{len(done)}/{planned} configurations measured"]
+    blockwise = [r for r in done if r["impl"] == "blockwise"]
+    if blockwise:
+        top = max(blockwise, key=lambda r: r["N"])
+        parts.append(f"blockwise N = {top['N']}: {top['median_ms']:.1f} ms, peak {top['peak_mib']:.0f} MiB")
+    verdicts = [t.split(":", 1)[0] for t in targets]
+    if verdicts:
+        parts.append(f"targets {verdicts.count('PASS')} PASS, {verdicts.count('FAIL')} FAIL")
+    return "; ".join(parts)
+
+
 def write_report(
-    out_dir: Path, device: str, info: dict, rows: list[dict], targets: list[str], argv: list[str]
+    out_dir: Path,
+    stem_name: str,
+    device: str,
+    info: dict,
+    rows: list[dict],
+    planned: int,
+    box: TimeBox,
+    argv: list[str],
+    complete: bool,
 ) -> Path:
+    """Write ``<stem>.md`` and ``.json`` with what has been measured so far."""
+    targets = check_targets(device, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"sam_{info['slug']}"
-    stem.with_suffix(".json").write_text(
-        json.dumps({"machine": info, "results": rows, "targets": targets}, indent=2)
-    )
+    stem = out_dir / stem_name
+    record = {
+        "machine": info,
+        "command": f"python benchmarks/sam.py {' '.join(argv)}".rstrip(),
+        "results": rows,
+        "targets": targets,
+        "time_box": box.record(),
+        "complete": complete,
+        "headline": headline(rows, planned, targets),
+    }
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     lines = [
         f"# SAM attention, forward + backward: {info.get('gpu', info['cpu'])}",
         "",
@@ -192,6 +252,8 @@ def write_report(
         "- input: logits (1, C, h, w) with a gradient, `SelfAttentionModule(C, impl=...)` with its 1x1 transform; "
         "time = median wall time of forward + backward",
         f"- memory: {rows[0].get('memory_method', 'n/a') if rows else 'n/a'}",
+        f"- time box: {box.seconds or 'none'} s{' (reached: later runs cut short or skipped)' if box.reached else ''}"
+        f"{'' if complete else '; run still in progress or cut short'}",
         "",
         "| impl | N | h x w | C | block | median ms | min ms | peak MiB | extra MiB |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -228,9 +290,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, help="untimed runs (default 1 CPU, 3 CUDA)")
     parser.add_argument("--repeats", type=int, help="timed runs (default 3 CPU, 20 CUDA)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--stem", help="results file name without suffix (default: sam_<machine>)")
+    parser.add_argument(
+        "--time-box",
+        type=float,
+        help="seconds for the whole run (default: no limit); see the module docstring",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: run every configuration in this process (faster start; memory figures then carry over)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
+    try:
+        box = TimeBox(args.time_box)
+    except ValueError as error:
+        parser.error(str(error))
     if args.worker:
         cfg = json.loads(args.worker)
         if cfg.get("threads"):
@@ -243,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg["device"],
             cfg["warmup"],
             cfg["repeats"],
+            cfg["seconds"],
         )
         print(json.dumps(result))
         return
@@ -255,23 +333,36 @@ def main(argv: list[str] | None = None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     args.repeats = args.repeats or (20 if on_gpu else 3)
     info = machine_info(device)
-    rows = []
-    for num_pixels in sizes:
-        for impl in args.impls:
-            if impl == "full" and num_pixels > max_full:
-                continue
-            if on_gpu:
+    configs = [(impl, n) for n in sizes for impl in args.impls if not (impl == "full" and n > max_full)]
+    stem = args.stem or f"sam_{info['slug']}"
+    rows: list[dict] = []
+    for index, (impl, num_pixels) in enumerate(configs):
+        if box.expired():
+            row = {"impl": impl, "N": num_pixels, "error": "skipped: time box used up"}
+        else:
+            seconds = box.share(len(configs) - index) - time.monotonic()
+            if on_gpu or args.in_process:
                 row = run_config(
-                    impl, num_pixels, args.channels, args.block_size, device, args.warmup, args.repeats
+                    impl,
+                    num_pixels,
+                    args.channels,
+                    args.block_size,
+                    device,
+                    args.warmup,
+                    args.repeats,
+                    seconds,
                 )
-                torch.cuda.empty_cache()
+                if on_gpu:
+                    torch.cuda.empty_cache()
             else:
-                row = run_in_subprocess(args, impl, num_pixels)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    targets = check_targets(device, rows)
-    path = write_report(args.out_dir, device, info, rows, targets, raw)
-    print("\n".join(targets))
+                row = run_in_subprocess(args, impl, num_pixels, seconds, box)
+            if row.get("repeats", args.repeats) < args.repeats:
+                box.reached = True  # cut short by its share of the box
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_report(args.out_dir, stem, device, info, rows, len(configs), box, raw, complete=False)
+    path = write_report(args.out_dir, stem, device, info, rows, len(configs), box, raw, complete=True)
+    print("\n".join(check_targets(device, rows)))
     print(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
-"""Timing shared by the benchmark scripts: synchronised wall-clock times and host-device synchronisation counts.
+"""Timing shared by the benchmark scripts: synchronised wall-clock times, host-device synchronisation counts and
+the time box a script measures within.
 
 Imported as ``from timing import ...`` (a script's own folder is on ``sys.path``), like ``machine``.
 """
@@ -11,10 +12,11 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-__all__ = ["SyncCounter", "median_ms", "synchronize", "synchronized_time", "timed"]
+__all__ = ["SyncCounter", "TimeBox", "median_ms", "process_age", "synchronize", "synchronized_time", "timed"]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -40,6 +42,53 @@ def timed(work: Callable[[], object], device: torch.device | str) -> float:
 def median_ms(starts: Sequence[float], ends: Sequence[float]) -> float:
     """Median of ``ends[i] - starts[i]`` in milliseconds."""
     return 1000 * statistics.median(end - start for start, end in zip(starts, ends, strict=True))
+
+
+def process_age() -> float:
+    """Seconds since this process started (its imports included); 0 where ``/proc`` does not tell."""
+    try:
+        # /proc/self/stat: field 22 is the start time in clock ticks after boot; fields 3... follow the ")".
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class TimeBox:
+    """The time a script may spend, counted from the start of its process (imports included).
+
+    A script stops starting new work once :meth:`expired` is true and writes what it has. :meth:`share` splits what
+    is left evenly between the pieces of work still to come, so that the last ones are measured (with fewer steps)
+    rather than skipped. ``seconds=None`` is a box without a limit.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"--time-box must be a positive number of seconds, got {seconds!r}")
+        self.seconds = seconds
+        self.started = time.monotonic() - process_age()
+        self.reached = False
+
+    def left(self) -> float:
+        """Seconds left in the box (infinite without a limit)."""
+        if self.seconds is None:
+            return float("inf")
+        return self.seconds - (time.monotonic() - self.started)
+
+    def expired(self) -> bool:
+        """Whether the box is used up (remembered in :attr:`reached`)."""
+        if self.left() <= 0:
+            self.reached = True
+        return self.reached
+
+    def share(self, pieces: int) -> float:
+        """``time.monotonic()`` at which the next of ``pieces`` equal pieces of what is left should end."""
+        return time.monotonic() + max(self.left(), 0.0) / max(pieces, 1)
+
+    def record(self) -> dict[str, float | bool | None]:
+        """The box as written in a results file: its length and whether it cut the measurements short."""
+        return {"seconds": self.seconds, "reached": self.reached}
 
 
 class SyncCounter:

@@ -218,6 +218,7 @@ def test_invalid_ground_truth_is_refused_when_scored(monkeypatch: pytest.MonkeyP
         metric.compute()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_update_on_cuda_makes_no_device_synchronisation() -> None:
     generator = torch.Generator().manual_seed(3)

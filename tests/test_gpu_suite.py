@@ -1,0 +1,222 @@
+"""``benchmarks/gpu_suite.py``: its CPU rehearsal (``--smoke``), its budget, its hard limit, floors and errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+SUITE = BENCHMARKS / "gpu_suite.py"
+
+
+@pytest.fixture(scope="module")
+def suite() -> ModuleType:
+    """``benchmarks/gpu_suite.py`` as a module (its folder on ``sys.path`` for its ``machine`` import)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_suite(*args: str) -> subprocess.CompletedProcess[str]:
+    """The suite as a user runs it: ``python3 benchmarks/gpu_suite.py ...`` from a source tree."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, str(SUITE), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def summary_of(out_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The summary record of the one run in ``out_dir`` and its steps' folder."""
+    [summary] = out_dir.glob("gpu_*.json")
+    return json.loads(summary.read_text()), summary.with_suffix("")
+
+
+@pytest.mark.slow
+def test_smoke_run_leaves_every_file(suite: ModuleType, tmp_path: Path) -> None:
+    out, export = tmp_path / "out", tmp_path / "export"
+    proc = run_suite("--smoke", "--out-dir", str(out), "--export", str(export))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record, steps_dir = summary_of(out)
+
+    names = [step.name for step in suite.STEPS]
+    assert [step["name"] for step in record["steps"]] == names
+    for index, step in enumerate(record["steps"]):
+        assert step["status"] == "ok", step
+        assert f"[{index + 1}/{len(names)}] {step['name']}: ok" in proc.stdout  # one line per step
+        suffixes = (".md", ".json", ".log") + ((".xml",) if step["name"] == "cuda_checks" else ())
+        for suffix in suffixes:
+            assert (steps_dir / f"{step['name']}{suffix}").is_file(), (step["name"], suffix)
+    assert json.loads((steps_dir / "cuda_checks.json").read_text())["counts"]["failed"] == 0
+
+    assert record["suite"]["smoke"] and record["suite"]["finished"]
+    assert record["suite"]["elapsed_s"] <= record["suite"]["budget_s"]
+    verdicts = {f["floor"]: f["verdict"] for f in record["floors"]}
+    assert len(verdicts) >= 7 and set(verdicts.values()) <= {"PASS", "FAIL", "not measured"}
+    assert verdicts["Lightning step <= 1.05x the plain loop (fp32)"] in (
+        "PASS",
+        "FAIL",
+    )  # measured in the smoke
+    markdown = steps_dir.with_suffix(".md").read_text()
+    assert "## Floors" in markdown and "## Projected wall time" in markdown
+
+    with tarfile.open(steps_dir.with_suffix(".tar.gz")) as archive:
+        packed = set(archive.getnames())
+    assert {f"{steps_dir.name}.md", f"{steps_dir.name}.json"} <= packed
+    assert {f"{steps_dir.name}/{p.name}" for p in steps_dir.iterdir()} <= packed
+    assert sorted(p.name for p in export.iterdir()) == sorted(
+        steps_dir.with_suffix(s).name for s in (".json", ".md", ".tar.gz")
+    )
+
+
+@pytest.mark.slow
+def test_steps_that_do_not_fit_the_budget_are_skipped(suite: ModuleType, tmp_path: Path) -> None:
+    first = suite.STEPS[0]
+    budget = first.smoke_box_s + suite.SMOKE_GRACE_S + suite.RESERVE_S + 1  # room for the first step only
+    assert all(s.smoke_box_s > first.smoke_box_s + 1 for s in suite.STEPS[1:])
+    proc = run_suite("--smoke", "--budget", f"{budget:g}", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record, steps_dir = summary_of(tmp_path)
+
+    ran, *skipped = record["steps"]
+    assert ran["name"] == first.name and ran["status"] == "ok"
+    assert (steps_dir / f"{first.name}.json").is_file()
+    for step in skipped:
+        assert step["status"].startswith("skipped: budget"), step
+        assert step["wall_s"] is None and not list(steps_dir.glob(f"{step['name']}.*"))
+    assert record["suite"]["elapsed_s"] <= budget
+    assert steps_dir.with_suffix(".md").is_file() and steps_dir.with_suffix(".tar.gz").is_file()
+
+
+def test_a_step_past_its_hard_limit_is_killed(suite: ModuleType, tmp_path: Path) -> None:
+    began = time.monotonic()
+    code = suite.run_process(
+        [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "hung.log", 1.0
+    )
+    assert code is None and time.monotonic() - began < 30
+    assert suite.step_status(code, {}) == "killed at its hard limit (no results file)"
+
+
+def test_cuda_checks_without_pytest_are_recorded_as_not_run(
+    suite: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "pytest" else find_spec(name)
+    )
+    [checks] = [step for step in suite.STEPS if step.script is None]
+    record = suite.run_step(checks, True, tmp_path, tmp_path)
+    assert (
+        record.status == "not run: pytest missing" and record.wall_s is None and not list(tmp_path.iterdir())
+    )
+
+
+def test_missing_packages_stop_the_suite_with_one_line(
+    suite: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        suite, "REQUIRED", {"torch": "torch", "no_such_module_for_the_suite": "no-such-package"}
+    )
+    assert suite.main(["--smoke", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing packages: no-such-package" in err[0] and "torch" not in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("budget", ["0", "-3", "soon"])
+def test_bad_budget_names_the_option(
+    suite: ModuleType, budget: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        suite.main(["--budget", budget])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "--budget" in err and "positive number of seconds" in err
+
+
+def train_record(size: list[int], source_size: list[int], **iteration_ms: float | None) -> dict[str, Any]:
+    """A ``train_step.py`` record with the given ms/iteration per variant (``None``: out of memory)."""
+    variants = {
+        name.replace("_", "-"): {"iteration_ms": ms, "peak_mib": 1000.0, "error": None}
+        if ms is not None
+        else {"iteration_ms": None, "peak_mib": None, "error": "out of memory: CUDA out of memory"}
+        for name, ms in iteration_ms.items()
+    }
+    return {"size": size, "source_size": source_size, "sam_impl": "blockwise", "variants": variants}
+
+
+def test_floors_and_projection_from_step_records(suite: ModuleType) -> None:
+    train = train_record([1024, 512], [1024, 512], plain_fp32=100.0, lightning_fp32=103.0, plain_bf16=70.0,
+                         lightning_bf16=71.0, lightning_bf16_nosam=70.5)  # fmt: skip
+    large = train_record([2048, 1024], [2048, 1024], lightning_bf16=None)
+    generation = {"rows": [{"images": 64, "plain": 100.0, "generation": 80.0, "rss_growth_mib": 90.0},
+                           {"images": 256, "plain": 100.0, "generation": 95.0, "rss_growth_mib": 120.0}]}  # fmt: skip
+    verdicts = {
+        f["floor"]: f["verdict"]
+        for f in suite.floors({"train_step": train, "large_step": large, "generation": generation})
+    }
+    assert verdicts == {
+        "Lightning step <= 1.05x the plain loop (fp32)": "PASS",  # 1.03
+        "Lightning step <= 1.05x the plain loop (bf16)": "PASS",  # 1.014
+        "bf16 step <= 0.72x the fp32 plain step": "PASS",  # 71 / 100
+        "SAM loss <= 3 % of the bf16 step at 1024x512": "PASS",  # 0.5 / 71 = 0.7 %
+        "a 2048x1024 step with the SAM fits": "FAIL",  # out of memory
+        "generation >= 0.90x plain inference, host memory growth < 1 GiB": "PASS",  # 0.95 at 256 images
+        "SAM kernels: the targets of sam.py": "not measured",
+    }
+    slow = train_record(
+        [1024, 512], [1024, 512], plain_fp32=100.0, lightning_bf16=80.0, lightning_bf16_nosam=70.0
+    )
+    verdicts = {f["floor"]: f["verdict"] for f in suite.floors({"train_step": slow})}
+    assert verdicts["bf16 step <= 0.72x the fp32 plain step"] == "FAIL"
+    assert verdicts["SAM loss <= 3 % of the bf16 step at 1024x512"] == "FAIL"
+    assert verdicts["Lightning step <= 1.05x the plain loop (fp32)"] == "not measured"
+    assert verdicts["generation >= 0.90x plain inference, host memory growth < 1 GiB"] == "not measured"
+    sam = {
+        "targets": [
+            "PASS: blockwise, N = 8192, 2.00 ms <= 5 ms",
+            "FAIL: blockwise N = 32768 9.0 ms <= full 8.0 ms",
+        ]
+    }
+    verdicts = {f["floor"]: f["verdict"] for f in suite.floors({"sam": sam})}
+    assert verdicts["SAM kernel: blockwise, N = 8192, 2.00 ms <= 5 ms"] == "PASS"
+    assert verdicts["SAM kernel: blockwise N = 32768 9.0 ms <= full 8.0 ms"] == "FAIL"
+
+    source = train_record([1024, 512], [1280, 720], lightning_bf16_stage0=50.0, lightning_bf16_stage1=60.0,
+                          lightning_bf16=80.0, lightning_bf16_nosam=78.0)  # fmt: skip
+    result = suite.projection(source, generation)
+    spec = result["protocol"]
+    assert spec["file"] == "configs/gta5/pipeline.yaml" and len(spec["settings"]) == 2
+    [ours] = [s for s in spec["settings"] if s["uses_sam"]]
+    paper, shipped = result["plans"].values()
+    train_ms = (
+        spec["stage0_steps"] * 50.0 + spec["stage1_steps"] * 60.0 + ours["generations"] * ours["steps"] * 80.0
+    )
+    labels_s = (
+        (1 + ours["generations"] - 1) * 2975 / 95.0
+    )  # generation 1 from stage 0, then one per generation
+    assert paper["train_s"] == pytest.approx(train_ms / 1000)
+    assert paper["labels_s"] == pytest.approx(labels_s)
+    assert paper["one_gpu_h"] == pytest.approx((train_ms / 1000 + labels_s) / 3600)
+    assert paper["eight_gpus_h"] == pytest.approx(paper["one_gpu_h"] / 8)
+    assert shipped["label_passes"] == 1 + sum(s["generations"] - 1 for s in spec["settings"])
+    assert shipped["train_s"] > paper["train_s"]
+    assert all(plan is None for plan in suite.projection(None, generation)["plans"].values())
