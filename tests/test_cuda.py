@@ -174,8 +174,12 @@ def test_pseudo_labels_on_cuda_agree_with_the_cpu(tmp_path: Path) -> None:
 
     on_cpu = make("cpu", "cpu")
     assert len(on_cpu) == 8
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
         fp32 = agreement(on_cpu, make("cuda", "cuda_fp32"))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     assert fp32 >= 0.999, f"CUDA (fp32) and CPU labels agree on {100 * fp32:.3f} % of the pixels"
     default = agreement(on_cpu, make("cuda", "cuda_default"))
     assert default >= 0.995, (
