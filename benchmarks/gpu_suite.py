@@ -20,8 +20,9 @@ step's status, the floors as PASS / FAIL / not measured, the projected wall time
 archive ``gpu_<machine>.tar.gz`` of them all, and copies those three files to ``--export``. A run cut off from
 outside therefore still leaves every step that ended. ``--smoke`` writes ``gpu_smoke_<machine>.*`` instead.
 
-The suite itself imports no third-party package: it checks that each one the steps need can be found, and stops in
-its first second with one line naming those missing.
+Before anything else the suite checks that each package the steps need can be found (nothing is imported), and stops
+in its first second with one line naming those missing; of them it uses only PyYAML itself (to read the pipeline
+configs for the projection).
 """
 
 from __future__ import annotations
@@ -571,7 +572,10 @@ def projection(source: dict[str, Any] | None, gen: dict[str, Any] | None) -> dic
     spec = protocol()
     result: dict[str, Any] = {"protocol": spec, "ms_per_iteration": t, "generation_images_per_s": rate}
     ours = [s for s in spec["settings"] if s["uses_sam"]]
-    plans = {"the paper (stage 0, stage 1, the SAM setting's generations)": ours, f"{spec['file']} as shipped (every setting)": spec["settings"]}  # fmt: skip
+    plans = {
+        "the paper (stage 0, stage 1, the SAM setting's generations)": ours,
+        f"{spec['file']} as shipped (every setting)": spec["settings"],
+    }
     result["plans"] = {}
     for label, settings in plans.items():
         needed = ["stage0", "stage1"] + sorted({"sam" if s["uses_sam"] else "nosam" for s in settings})
@@ -666,7 +670,7 @@ def summary(args: argparse.Namespace, machine: dict[str, Any], records: list[Ste
             "elapsed_s": round(elapsed, 1),
             "finished": finished,
             "command": " ".join(["python3 benchmarks/gpu_suite.py", *args.argv]),
-        },  # fmt: skip
+        },
         "machine": machine,
         "device": device,
         "steps": [asdict(r) for r in records],
