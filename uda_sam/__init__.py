@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from uda_sam.evaluation import SegmentationMetrics
     from uda_sam.nn import (
         DeepLabV2,
+        DilatedFCN,
         FCN8s,
         SelfAttentionModule,
         load_deeplab_checkpoint,
@@ -86,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "load_network_weights": "uda_sam.nn",
     # Networks.
     "DeepLabV2": "uda_sam.nn",
+    "DilatedFCN": "uda_sam.nn",
     "FCN8s": "uda_sam.nn",
     "load_deeplab_checkpoint": "uda_sam.nn",
     # Data.
@@ -130,6 +132,7 @@ __all__ = [
     "network_state_dict",
     "load_network_weights",
     "DeepLabV2",
+    "DilatedFCN",
     "FCN8s",
     "load_deeplab_checkpoint",
     "GTA5",

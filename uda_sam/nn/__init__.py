@@ -11,6 +11,7 @@ from .backbones import DilatedResNet, build_vgg16_features, load_weights_only, r
 from .caffe_resnet import CaffeResNet
 from .checkpoints import load_deeplab_checkpoint, load_deeplab_state_dict
 from .deeplabv2 import AtrousClassifier, CaffeAtrousClassifier, DeepLabV2
+from .dilated_fcn import DilatedFCN
 from .fcn8s import FCN8s
 from .fcn8s_files import load_fcn8s_checkpoint, load_fcn8s_state_dict
 from .losses import logit_norm, segmentation_loss, self_attention_loss
@@ -30,6 +31,7 @@ __all__ = [
     "CaffeAtrousClassifier",
     "CaffeResNet",
     "DeepLabV2",
+    "DilatedFCN",
     "DilatedResNet",
     "FCN8s",
     "SelfAttentionModule",
