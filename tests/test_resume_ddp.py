@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,16 @@ except ImportError:  # tests/ itself is on sys.path (no tests/__init__.py)
 pytestmark = pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
 )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread while processes are forked: a child of a process whose OpenMP pool ran with more threads
+    hangs at its first parallel operation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class KillAt(Callback):
@@ -82,6 +92,7 @@ def fit(run: Path, teacher: Path, datamodule: Any, kill_at: int | None = None) -
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_two_process_fit_killed_mid_generation_resumes_exactly(
     tmp_path: Path, toy_datamodule: Callable
 ) -> None:

@@ -120,10 +120,13 @@ class DivergenceMonitor(Callback):
         return {name: float(peak) for name, peak in self._peak.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": dict(self.reference), "peak_growth": self.peak_growth}
+        # The early values too: a run resumed before the reference is complete completes it as an uninterrupted one.
+        early = {name: list(values) for name, values in self._early.items()}
+        return {"reference": dict(self.reference), "early": early, "peak_growth": self.peak_growth}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = {str(k): float(v) for k, v in state_dict.get("reference", {}).items()}
+        self._early.update({str(k): [float(x) for x in v] for k, v in state_dict.get("early", {}).items()})
         self._peak = {str(k): torch.tensor(float(v)) for k, v in state_dict.get("peak_growth", {}).items()}
 
     # ------------------------------------------------------------------------------------------------ checks

@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import uda_sam.callbacks  # noqa: F401  (registers the callbacks for short class names in configs)
+from uda_sam.callbacks.checkpoint import AtomicCheckpointIO
 from uda_sam.cli.console import quiet_console
+from uda_sam.cli.run_lock import run_lock
 from uda_sam.data import UDADataModule
 from uda_sam.tasks import SegmentationTask
 
@@ -29,6 +32,7 @@ __all__ = [
     "discard_offline_wandb_run",
     "earlier_run_files",
     "refuse_earlier_run",
+    "run_folders",
 ]
 
 
@@ -73,6 +77,16 @@ def earlier_run_files(trainer: Trainer, model: Any) -> dict[Path, tuple[list[str
     if export is not None:
         add(Path(export).parent, Path(export).name, "model.init_args.sam_export_path")
     return found
+
+
+def run_folders(trainer: Trainer) -> list[Path]:
+    """The folders a fit keeps its run in, those its lock covers: each checkpoint folder (when not the logger's own)
+    and each pseudo-label folder."""
+    from uda_sam.callbacks import PseudoLabelRegeneration
+
+    folders = [_checkpoint_dir(trainer, c) for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    folders += [Path(c.output_dir) for c in trainer.callbacks if isinstance(c, PseudoLabelRegeneration)]
+    return [folder for folder in folders if folder is not None and "://" not in str(folder)]
 
 
 def _resumes_this_run(trainer: Trainer, ckpt_path: str | None) -> bool:
@@ -187,10 +201,12 @@ class UDASamCLI(LightningCLI):
     """LightningCLI over :class:`~uda_sam.tasks.SegmentationTask` subclasses and :class:`~uda_sam.data.UDADataModule`.
 
     Tasks configure their own optimiser and schedule (``auto_configure_optimizers=False``); the seed defaults to 0;
-    the resolved config is written (overwriting) next to the logs. ``fit`` refuses to start a new run in folders
-    holding another run's checkpoints or pseudo labels (:func:`refuse_earlier_run`); resuming with
-    ``--ckpt_path`` is fine. ``WANDB_MODE=disabled`` turns off W&B loggers even where a config says
-    ``offline: true``, and a command that fails before training leaves no offline W&B run behind.
+    the resolved config is written (overwriting) next to the logs. ``fit`` stops at once when another live command
+    uses its checkpoint or pseudo-label folders (:func:`~uda_sam.cli.run_lock.run_lock`), and refuses to start a
+    new run in folders holding another run's checkpoints or pseudo labels (:func:`refuse_earlier_run`); resuming
+    with ``--ckpt_path`` is fine. Checkpoints are written whole or not at all (:class:`AtomicCheckpointIO`).
+    ``WANDB_MODE=disabled`` turns off W&B loggers even where a config says ``offline: true``, and a command that
+    fails before training leaves no offline W&B run behind.
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: object) -> None:
@@ -218,11 +234,16 @@ class UDASamCLI(LightningCLI):
         _respect_wandb_disabled(trainer_config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The configured trainer, with :class:`DiscardFailedStart`."""
+        """The configured trainer, with :class:`DiscardFailedStart` and (unless configured otherwise)
+        :class:`AtomicCheckpointIO`."""
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(DiscardFailedStart())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-    def before_fit(self) -> None:
-        """Refuse a new fit into another run's folders."""
-        refuse_earlier_run(self.trainer, self.model, self._get(self.config, "ckpt_path"))
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """``trainer.fit``, holding the lock of the run's folders; a new run into another run's folders is refused."""
+        with run_lock(run_folders(self.trainer), "uda-sam fit"):
+            refuse_earlier_run(self.trainer, model, kwargs.get("ckpt_path"))
+            self.trainer.fit(model, **kwargs)

@@ -8,8 +8,11 @@ The work is two passes, but the network runs only once:
 
 1. inference: each rank runs the network over its shard of the target images (``indices[rank::world_size]``), feeds
    the class-wise histogram and caches, per image, the argmax class and the *bin index* of its confidence on disk
-   (4 bytes a pixel with the ground truth; deleted at the end). Host memory stays constant in the number of images.
-2. labelling: once the summed histograms give the thresholds, each rank turns its cached maps into label PNGs.
+   (4 bytes a pixel with the ground truth; deleted at the end). Host memory stays constant in the number of images;
+   the loader's workers hand the masks over as uint8 (what the cache keeps), not as int64.
+2. labelling: once the summed histograms give the thresholds, each rank turns its cached maps into label PNGs and
+   statistics in a pool of threads (each thread with its own counters, summed at the end), so that this pass, which
+   no network work can hide, runs on several cores.
 
 A pixel keeps its class when its confidence bin is at or above the bin of ``tau[class]``; since ``tau`` is a bin edge
 (see :class:`~uda_sam.pseudo_labels.ClasswiseThresholdEstimator`), this is exactly ``conf >= tau``.
@@ -18,7 +21,9 @@ Output, ``{output_dir}/{folder}/``: one uint8 trainId PNG per image at ``{name}.
 ``thresholds.json`` (thresholds, the key of what made the labels and a description of the run) and ``statistics.json``
 (per-class share of pixels labelled and agreement with the ground truth where it exists, a diagnostic that training
 never reads). Everything is written to a hidden temporary folder that is renamed into place when complete, so a
-folder is whole or absent.
+folder is whole or absent; a failed attempt removes its temporary folder (a killed one leaves it to the next
+attempt, which removes it first), and a full disk or a read-only folder raises a
+:class:`~uda_sam.files.WriteError` naming the generation's folder.
 
 A finished folder is reused only when its recorded key, everything that determines the labels (a hash of the
 teacher's weights, the target image list, the inference size and normalisation, the autocast type, the class count,
@@ -32,8 +37,10 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,9 +48,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from uda_sam.data.labels import CLASS_NAMES, IGNORE_INDEX
+from uda_sam.files import WriteError
 from uda_sam.pseudo_labels.thresholds import (
     ClasswiseThresholdEstimator,
     PseudoLabelStatistics,
@@ -71,6 +79,8 @@ ReuseMode = Literal["matching", "require", "never"]
 THRESHOLDS_FILE = "thresholds.json"
 #: Threads that write cache files and encode label PNGs (zlib releases the GIL) while the network runs.
 IO_THREADS = 4
+#: Threads that make the labels, their PNGs and statistics from the cached maps (numpy, zlib and torch release the GIL).
+LABEL_THREADS = max(IO_THREADS, min(16, os.cpu_count() or 1))
 STATISTICS_FILE = "statistics.json"
 #: Most histogram bins a generation supports: each pixel's bin is cached as an int16.
 MAX_BINS = 2**15
@@ -295,6 +305,8 @@ def generate_pseudo_labels(
         FileExistsError: If ``label_dir`` holds something that is not a finished generation, or (``reuse="require"``)
             one made otherwise.
         FileNotFoundError: With ``reuse="require"``, if ``label_dir`` holds no finished generation.
+        WriteError: If the labels cannot be written (a full disk, a read-only folder): names ``label_dir``, which is
+            left as it was.
     """
     group = group or ProcessGroup()
     device = torch.device(device)
@@ -320,52 +332,76 @@ def generate_pseudo_labels(
 
     tmp_dir = label_dir.parent / f".{label_dir.name}.tmp"
     cache_dir = tmp_dir / ".cache"
-    if group.rank == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted attempt
-        cache_dir.mkdir(parents=True)
-    group.barrier()
-
-    was_training = network.training
-    network.eval()
     try:
-        estimator, cached = _infer_and_cache(
-            network,
-            dataset,
-            cache_dir,
-            num_classes,
-            num_bins,
-            cap,
-            batch_size,
-            num_workers,
-            device,
-            autocast_dtype,
-            group,
-            progress,
-        )
-    finally:
-        network.train(was_training)
+        if group.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted attempt
+            with _writing(tmp_dir):
+                cache_dir.mkdir(parents=True)
+        group.barrier()
 
-    estimator.sync(group.reduce_sum, group.device)
-    thresholds = estimator.compute()
-    statistics = _write_labels(cached, thresholds, num_classes, num_bins, tmp_dir, group)
-    group.barrier()
+        was_training = network.training
+        network.eval()
+        try:
+            estimator, cached = _infer_and_cache(
+                network,
+                dataset,
+                cache_dir,
+                num_classes,
+                num_bins,
+                cap,
+                batch_size,
+                num_workers,
+                device,
+                autocast_dtype,
+                group,
+                progress,
+            )
+        finally:
+            network.train(was_training)
 
-    record = {
-        "thresholds": {
-            name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist(), strict=True)
-        },
-        "key": key,
-        "description": dict(description or {}),
-        "num_processes": group.world_size,
-    }
-    if group.rank == 0:
-        shutil.rmtree(cache_dir)
-        (tmp_dir / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2))
-        # thresholds.json is the completion marker: written last, inside the folder that is then renamed.
-        (tmp_dir / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2))
-        _move_into_place(tmp_dir, label_dir)
-    group.barrier()
+        estimator.sync(group.reduce_sum, group.device)
+        thresholds = estimator.compute()
+        statistics = _write_labels(cached, thresholds, num_classes, num_bins, tmp_dir, group)
+        group.barrier()
+
+        record = {
+            "thresholds": {
+                name: float(t) for name, t in zip(CLASS_NAMES[:num_classes], thresholds.tolist(), strict=True)
+            },
+            "key": key,
+            "description": dict(description or {}),
+            "num_processes": group.world_size,
+        }
+        if group.rank == 0:
+            with _writing(tmp_dir):
+                shutil.rmtree(cache_dir)
+                (tmp_dir / STATISTICS_FILE).write_text(json.dumps(statistics, indent=2))
+                # thresholds.json is the completion marker: written last, inside the folder that is then renamed.
+                (tmp_dir / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2))
+                _move_into_place(tmp_dir, label_dir)
+        group.barrier()
+    except BaseException as error:
+        # Nothing half-made stays behind; a full disk or a read-only folder is reported for the generation's folder.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(error, WriteError):
+            raise WriteError.of(error, label_dir) from error
+        raise
     return GenerationResult(label_dir, thresholds.tolist(), statistics, replaced=replaced)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An ``OSError`` raised in the block (a full disk, a read-only folder) becomes a :class:`WriteError` naming
+    ``path``; errors of reading the images stay what they are."""
+    try:
+        yield
+    except OSError as error:
+        raise (error if isinstance(error, WriteError) else WriteError.of(error, path)) from error
+
+
+def _save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with _writing(path):
+        np.savez(path, **arrays)
 
 
 def _move_into_place(tmp_dir: Path, label_dir: Path) -> None:
@@ -403,6 +439,7 @@ def _infer_and_cache(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=_collate_uint8_masks,
         # A generator of its own leaves the global random state to training (an exact resume).
         generator=torch.Generator().manual_seed(0),
     )
@@ -436,6 +473,16 @@ def _infer_and_cache(
         writer.shutdown(wait=True)
         bar.close()
     return estimator, cached
+
+
+def _collate_uint8_masks(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` with the masks narrowed to uint8 first, as the cache keeps them (trainIds and 255).
+
+    A batch waits in the loader's queues and in pinned memory with 1 byte a mask pixel instead of 8.
+    """
+    return default_collate(
+        [{**sample, "mask": torch.as_tensor(sample["mask"]).to(torch.uint8)} for sample in samples]
+    )
 
 
 def _infer_batch(
@@ -475,7 +522,7 @@ def _infer_batch(
             "bins": bins_host[i],
             "gt": masks[i].numpy().astype(np.uint8),
         }
-        pending.append(writer.submit(np.savez, path, **arrays))
+        pending.append(writer.submit(_save_cache, path, arrays))
         cached.append((path, name))
 
 
@@ -489,22 +536,31 @@ def _write_labels(
 ) -> dict[str, Any]:
     """Pass 2: cached predictions -> label PNGs; returns the statistics summed over all ranks."""
     threshold_bins = torch.round(thresholds.double() * num_bins).long().numpy()
+    # Counters per thread, summed below: no thread waits for another, and nothing piles up between them.
+    local, per_thread, lock = threading.local(), [], threading.Lock()
 
-    def label_one(item: tuple[Path, str]) -> tuple[np.ndarray, np.ndarray]:
+    def label_one(item: tuple[Path, str]) -> None:
         path, name = item
         with np.load(path) as arrays:
             predicted, bins, gt = arrays["predicted"], arrays["bins"], arrays["gt"]
         labels = np.where(bins >= threshold_bins[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
-        save_label_png(labels, tmp_dir / f"{name}.png")
+        with _writing(tmp_dir / f"{name}.png"):
+            save_label_png(labels, tmp_dir / f"{name}.png")
         path.unlink()
-        return labels, gt
+        if not hasattr(local, "stats"):
+            local.stats = PseudoLabelStatistics(num_classes)
+            with lock:
+                per_thread.append(local.stats)
+        has_gt = bool((gt != IGNORE_INDEX).any())
+        local.stats.update(torch.from_numpy(labels), torch.from_numpy(gt) if has_gt else None)
 
+    with ThreadPoolExecutor(LABEL_THREADS) as pool:
+        for _ in pool.map(label_one, cached):
+            pass
     stats = PseudoLabelStatistics(num_classes)
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        for labels, gt in pool.map(label_one, cached):
-            gt_tensor = torch.from_numpy(gt.astype(np.int64))
-            has_gt = bool((gt_tensor != IGNORE_INDEX).any())
-            stats.update(torch.from_numpy(labels.astype(np.int64)), gt_tensor if has_gt else None)
+    for part in per_thread:
+        stats.counts += part.counts
+        stats.total_pixels += part.total_pixels
     stats.sync(group.reduce_sum, group.device)
     per_class = stats.as_records(thresholds, CLASS_NAMES[:num_classes])
     summary = stats.compute()
