@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from uda_sam.cli.run_lock import run_lock
 from uda_sam.files import write_atomically
 
 __all__ = ["PipelineConfig", "StageConfig", "load_pipeline_config", "run_pipeline", "main"]
@@ -282,7 +283,7 @@ def _claim_output_dir(config: PipelineConfig) -> Path:
             f"{out} exists, is not empty and was not made by `uda-sam pipeline`; choose another output_dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    owner_file.write_text(json.dumps({"source_file": config.source_file, "record": record}, indent=2))
+    _atomic_write_json(owner_file, {"source_file": config.source_file, "record": record})
     return out
 
 
@@ -685,7 +686,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
     per_seed = {seed: run_seed(config, seed, out) for seed in config.seeds}
     table = format_results(per_seed)
     results_md = out / "results.md"
-    results_md.write_text(table)
+    write_atomically(results_md, lambda handle: handle.write(table.encode()))
     _atomic_write_json(
         out / "results.json",
         {
@@ -739,7 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.seeds = options.seeds
     config.common_args += options.args
     try:
-        run_pipeline(config)
+        with run_lock([config.output_dir], "uda-sam pipeline"):  # a second pipeline on the folder stops here
+            run_pipeline(config)
     except PipelineConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
