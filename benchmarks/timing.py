@@ -12,11 +12,21 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["SyncCounter", "TimeBox", "median_ms", "process_age", "synchronize", "synchronized_time", "timed"]
+__all__ = [
+    "Share",
+    "SyncCounter",
+    "TimeBox",
+    "median_ms",
+    "process_age",
+    "synchronize",
+    "synchronized_time",
+    "timed",
+]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -58,37 +68,72 @@ def process_age() -> float:
 class TimeBox:
     """The time a script may spend, counted from the start of its process (imports included).
 
-    A script stops starting new work once :meth:`expired` is true and writes what it has. :meth:`share` splits what
-    is left evenly between the pieces of work still to come, so that the last ones are measured (with fewer steps)
-    rather than skipped. ``seconds=None`` is a box without a limit.
+    A script stops starting new work once :meth:`expired` is true, i.e. once no time is left, and writes what it
+    has. :meth:`share` splits what is left evenly between the pieces of work still to come, so that the last ones
+    are measured (with fewer steps) rather than skipped; :meth:`allot` gives the next piece its :class:`Share`.
+    :attr:`reached` records that the box cut a measurement short (a piece stopped by its share, or the box used up);
+    it never closes the box by itself. ``seconds=None`` is a box without a limit.
+
+    Args:
+        seconds: Length of the box, or ``None``.
+        clock: Monotonic clock in seconds (a fake one in tests).
+        started: When the box started on ``clock``; default: the start of this process.
     """
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(
+        self, seconds: float | None, clock: Callable[[], float] = time.monotonic, started: float | None = None
+    ) -> None:
         if seconds is not None and not seconds > 0:
             raise ValueError(f"--time-box must be a positive number of seconds, got {seconds!r}")
         self.seconds = seconds
-        self.started = time.monotonic() - process_age()
+        self.clock = clock
+        self.started = clock() - process_age() if started is None else started
         self.reached = False
 
     def left(self) -> float:
         """Seconds left in the box (infinite without a limit)."""
         if self.seconds is None:
             return float("inf")
-        return self.seconds - (time.monotonic() - self.started)
+        return self.seconds - (self.clock() - self.started)
 
     def expired(self) -> bool:
-        """Whether the box is used up (remembered in :attr:`reached`)."""
-        if self.left() <= 0:
-            self.reached = True
-        return self.reached
+        """Whether the box is used up; depends on the time left only (and then sets :attr:`reached`)."""
+        if self.left() > 0:
+            return False
+        self.reached = True
+        return True
 
     def share(self, pieces: int) -> float:
-        """``time.monotonic()`` at which the next of ``pieces`` equal pieces of what is left should end."""
-        return time.monotonic() + max(self.left(), 0.0) / max(pieces, 1)
+        """Time on :attr:`clock` at which the next of ``pieces`` equal pieces of what is left should end."""
+        return self.clock() + max(self.left(), 0.0) / max(pieces, 1)
+
+    def allot(self, pieces: int, min_steps: int = 0) -> Share:
+        """The next of ``pieces`` equal pieces of what is left, which may always take ``min_steps`` steps."""
+        return Share(self, self.share(pieces), min_steps)
 
     def record(self) -> dict[str, float | bool | None]:
         """The box as written in a results file: its length and whether it cut the measurements short."""
         return {"seconds": self.seconds, "reached": self.reached}
+
+
+@dataclass(frozen=True)
+class Share:
+    """The part of a :class:`TimeBox` one piece of work (a benchmark variant) may use.
+
+    The piece takes steps until :meth:`done`: once it has taken ``min_steps`` steps (its warm-up and a few timed
+    ones, so that a piece whose first steps are slow, e.g. cuDNN's algorithm search, is still measured) and its
+    share has ended, or at once when the whole box is used up (the caller's hard limit guards the rest).
+    """
+
+    box: TimeBox
+    end: float
+    min_steps: int = 0
+
+    def done(self, steps_taken: int) -> bool:
+        """Whether to stop after ``steps_taken`` steps."""
+        if self.box.expired():
+            return True
+        return steps_taken >= self.min_steps and self.box.clock() >= self.end
 
 
 class SyncCounter:

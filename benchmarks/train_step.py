@@ -32,8 +32,9 @@ Defaults: CUDA: DeepLabV2-ResNet101, 1024x512 source and target, 10 warm-up + 30
 CPU: DeepLabV2-ResNet18 at 256x128, 5 warm-up + 10 timed steps (a smoke run of the same code; not a GPU figure).
 
 ``--time-box SECONDS`` bounds the whole run: each variant gets an even share of what is left and stops after the
-step that ends its share (its figures then cover fewer timed steps, counted in the report); variants that no longer
-fit are recorded as skipped. The report is rewritten after every variant, so a run cut short still leaves it.
+step that ends its share (its figures then cover fewer timed steps, counted in the report), but always takes its
+warm-up and ``MIN_TIMED_STEPS`` timed steps unless the whole box is used up; variants left when the box is used up
+are recorded as skipped. The default variants come in the order the targets need them. The report is rewritten after every variant, so a run cut short still leaves it.
 
 Usage (from the repository root)::
 
@@ -60,6 +61,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,7 @@ except ImportError:  # running from a checkout without installing the package
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
-from timing import SyncCounter, TimeBox, synchronized_time  # benchmarks/timing.py
+from timing import Share, SyncCounter, TimeBox, synchronized_time  # benchmarks/timing.py
 
 from uda_sam.cli.console import quiet_console
 from uda_sam.nn import DeepLabV2, SelfAttentionModule
@@ -106,17 +108,21 @@ TASK_KWARGS: dict[str, Any] = {
     "num_val_images_logged": 0,
 }
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
+#: In the order the floors need them: a run cut short by its time box keeps the first ones.
 DEFAULT_VARIANTS = (
     "plain-fp32",
     "lightning-fp32",
     "plain-bf16",
     "lightning-bf16",
-    "plain-bf16-nosam",
     "lightning-bf16-nosam",
+    "plain-bf16-nosam",
     "lightning-bf16-stage0",
     "lightning-bf16-stage1",
 )
 COMPILE_VARIANTS = ("plain-bf16-compile", "lightning-bf16-compile")
+#: Timed steps a variant always takes after its warm-up, whatever its share of the time box (unless the box is used
+#: up): a slow first step (cuDNN's algorithm search) must not leave a variant unmeasured.
+MIN_TIMED_STEPS = 3
 _VARIANT_RE = re.compile(
     r"^(?P<runner>plain|lightning)-(?P<precision>fp32|bf16)(?P<task>-stage0|-stage1)?(?P<nosam>-nosam)?(?P<compile>-compile)?$"
 )
@@ -262,12 +268,17 @@ class Setup:
     steps: int
     lambda_sa: float
     debug_step: int | None  # the warm-up step run under the sync debug mode (CUDA only)
-    stop_at: float = float("inf")  # time.monotonic() after which the running variant takes no further step
+    share: Share = field(default_factory=lambda: TimeBox(None).allot(1))  # when the running variant stops
 
     @property
     def total_steps(self) -> int:
         # One step more than measured: the last timed iteration ends when the next step starts.
         return self.warmup + self.steps + 1
+
+    @property
+    def min_steps(self) -> int:
+        """Steps a variant always takes (unless the whole box is used up): warm-up + ``MIN_TIMED_STEPS`` timed."""
+        return min(self.warmup + MIN_TIMED_STEPS + 1, self.total_steps)
 
 
 def fresh_network(setup: Setup, variant: Variant) -> DeepLabV2:
@@ -323,7 +334,7 @@ def run_plain(setup: Setup, variant: Variant, root: Path) -> Result:
             counter.stop()
         ends.append(synchronized_time(device))
         losses.append(loss.detach())
-        if time.monotonic() > setup.stop_at:
+        if setup.share.done(index + 1):
             break
     summarise(result, starts, ends, losses, setup)
     timed = timed_range(setup, len(copy_starts))
@@ -349,11 +360,11 @@ class FixedBatches(Dataset):
 class StepTimer(Callback):
     """Synchronised wall-clock time of every training step, the returned losses and one sync-debug step.
 
-    Stops the fit after the step that ends past ``stop_at`` (``time.monotonic()``).
+    Stops the fit after the step at which ``share`` is done.
     """
 
-    def __init__(self, device: torch.device, debug_step: int | None, stop_at: float = float("inf")) -> None:
-        self.device, self.debug_step, self.stop_at = device, debug_step, stop_at
+    def __init__(self, device: torch.device, debug_step: int | None, share: Share) -> None:
+        self.device, self.debug_step, self.share = device, debug_step, share
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.losses: list[Tensor] = []
@@ -374,7 +385,7 @@ class StepTimer(Callback):
         self.ends.append(synchronized_time(self.device))
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(loss.detach())
-        if time.monotonic() > self.stop_at:
+        if self.share.done(len(self.ends)):
             trainer.should_stop = True
 
 
@@ -393,7 +404,7 @@ def build_task(setup: Setup, variant: Variant, root: Path) -> LightningModule:
 def run_lightning(setup: Setup, variant: Variant, root: Path) -> Result:
     device, result = setup.device, Result(variant)
     module = build_task(setup, variant, root)
-    timer = StepTimer(device, setup.debug_step, setup.stop_at)
+    timer = StepTimer(device, setup.debug_step, setup.share)
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -419,6 +430,30 @@ def run_lightning(setup: Setup, variant: Variant, root: Path) -> Result:
 
 
 # ------------------------------------------------------------------------------------------------- driver
+def measure_variants(
+    variants: list[Variant],
+    box: TimeBox,
+    setup: Setup,
+    run_one: Callable[[Variant, Share], Result],
+    results: dict[str, Result],
+    after_each: Callable[[], object] = lambda: None,
+) -> None:
+    """Run each variant with an even share of what is left of ``box``, into ``results`` (``after_each`` after each).
+
+    A variant is skipped only when the box is used up; one cut short by its share (fewer timed steps than asked)
+    marks the box as reached and leaves the rest of the box to the next variants.
+    """
+    for index, variant in enumerate(variants):
+        if box.expired():
+            results[variant.name] = Result(variant, error="skipped: time box used up")
+        else:
+            result = run_one(variant, box.allot(len(variants) - index, setup.min_steps))
+            results[variant.name] = result
+            if len(result.step_ms) < setup.steps and not (result.error or "").startswith("out of memory"):
+                box.reached = True  # cut short by its share of the box
+        after_each()
+
+
 def run_variant(setup: Setup, variant: Variant, root: Path) -> Result:
     device = setup.device
     gc.collect()
@@ -786,24 +821,20 @@ def main(argv: list[str] | None = None) -> None:
             return write_report(path, info, args, raw, results, device, impl, num_pixels, sync_capture_ok, box,
                                 len(variants), complete)  # fmt: skip
 
-        results: dict[str, Result] = {}
-        for index, variant in enumerate(variants):
-            if box.expired():
-                results[variant.name] = Result(variant, error="skipped: time box used up")
-                continue
-            setup.stop_at = box.share(len(variants) - index)
+        def run_one(variant: Variant, share: Share) -> Result:
+            setup.share = share
             began = time.perf_counter()
             result = run_variant(setup, variant, root)
-            results[variant.name] = result
-            if len(result.step_ms) < setup.steps and not (result.error or "").startswith("out of memory"):
-                box.reached = True  # cut short by its share of the box
             if result.error:
                 print(f"{variant.name}: {result.error}", flush=True)
             else:
                 peak = f", peak {result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""
                 print(f"{variant.name}: {result.step:.1f} ms/step, {result.iteration:.1f} ms/iteration{peak} "
                       f"({time.perf_counter() - began:.0f} s)", flush=True)  # fmt: skip
-            report(complete=False)
+            return result
+
+        results: dict[str, Result] = {}
+        measure_variants(variants, box, setup, run_one, results, lambda: report(complete=False))
     print("\n".join(report(complete=True)))
     print(f"wrote {path}")
 

@@ -220,3 +220,86 @@ def test_floors_and_projection_from_step_records(suite: ModuleType) -> None:
     assert shipped["label_passes"] == 1 + sum(s["generations"] - 1 for s in spec["settings"])
     assert shipped["train_s"] > paper["train_s"]
     assert all(plan is None for plan in suite.projection(None, generation)["plans"].values())
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (its folder on ``sys.path`` for its sibling imports)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+class FakeClock:
+    """A clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_share_cut_short_leaves_the_box_open_and_every_share_gets_its_floor() -> None:
+    timing = benchmark_module("timing")
+    clock = FakeClock()
+    box = timing.TimeBox(100.0, clock=clock, started=0.0)
+    share = box.allot(4, min_steps=5)
+    assert share.end == 25.0
+    clock.now = 60.0  # a slow first step: past the share after one step
+    assert not share.done(1) and not share.done(4) and share.done(5)  # the floor, then the share
+    box.reached = True  # what a script records for a piece cut short
+    assert not box.expired() and box.left() == 40.0  # the next pieces still get what is left
+    assert box.allot(3).end == pytest.approx(60.0 + 40.0 / 3)
+    clock.now = 100.0
+    assert box.expired() and box.allot(1, min_steps=5).done(0)  # the whole box used up: stop at once
+    assert not timing.TimeBox(None, clock=clock).expired()
+
+
+def test_variants_after_one_cut_short_are_measured_not_skipped() -> None:
+    """A first variant whose first step outlasts its share (cuDNN's search) must not leave the rest unmeasured."""
+    train_step = benchmark_module("train_step")
+    clock = FakeClock()
+    box = train_step.TimeBox(80.0, clock=clock, started=0.0)
+    variants = [train_step.parse_variant(name) for name in train_step.DEFAULT_VARIANTS]
+    assert [v.name for v in variants[:5]] == ["plain-fp32", "lightning-fp32", "plain-bf16", "lightning-bf16",
+                                              "lightning-bf16-nosam"]  # fmt: skip
+    setup = train_step.Setup(device=None, base_network=None, sam_path=Path("sam.pt"), batch={}, warmup=2,
+                             steps=20, lambda_sa=0.1, debug_step=None)  # fmt: skip
+    first_step_s = {"plain-fp32": 30.0}  # the first variant's first step takes 3x its share of 10 s
+
+    def run_one(variant: Any, share: Any) -> Any:
+        taken = 0
+        while True:  # the step loop of run_plain / StepTimer: 1 s a step, the first one slower
+            clock.now += first_step_s.get(variant.name, 1.0) if taken == 0 else 1.0
+            taken += 1
+            if taken == setup.total_steps or share.done(taken):
+                break
+        timed = max(taken - setup.warmup - 1, 0)
+        return train_step.Result(variant, step_ms=[1.0] * timed, iteration_ms=[1.0] * timed)
+
+    results: dict[str, Any] = {}
+    train_step.measure_variants(variants, box, setup, run_one, results)
+    timed = {name: len(r.step_ms) for name, r in results.items()}
+    assert all(r.error is None for r in results.values()), results
+    assert timed["plain-fp32"] == train_step.MIN_TIMED_STEPS  # its floor, although its share had ended
+    assert all(n >= train_step.MIN_TIMED_STEPS for n in timed.values()), timed
+    assert box.reached and clock.now <= 80.0 + 30.0
+
+
+def test_variants_left_when_the_box_is_used_up_are_skipped() -> None:
+    train_step = benchmark_module("train_step")
+    clock = FakeClock()
+    box = train_step.TimeBox(10.0, clock=clock, started=0.0)
+    variants = [train_step.parse_variant(name) for name in ("plain-fp32", "lightning-fp32", "plain-bf16")]
+    setup = train_step.Setup(device=None, base_network=None, sam_path=Path("sam.pt"), batch={}, warmup=2,
+                             steps=20, lambda_sa=0.1, debug_step=None)  # fmt: skip
+
+    def run_one(variant: Any, share: Any) -> Any:
+        clock.now += 12.0  # one step past the whole box: stops at once
+        assert share.done(1)
+        return train_step.Result(variant, error="time box used up after 1 steps (2 warm-up): nothing timed")
+
+    results: dict[str, Any] = {}
+    train_step.measure_variants(variants, box, setup, run_one, results)
+    assert results["plain-fp32"].error.startswith("time box used up")
+    assert [results[n].error for n in ("lightning-fp32", "plain-bf16")] == ["skipped: time box used up"] * 2
