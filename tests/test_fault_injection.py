@@ -64,8 +64,9 @@ FAULTS: list[Fault] = [
 
 
 def stage_config(tmp_path: Path, name: str) -> str:
-    """A toy stage config whose last.ckpt is written every 2 steps (the shipped ones: every 100)."""
+    """A toy stage config whose last.ckpt is written every 2 steps, its network trained from its initialisation."""
     config = yaml.safe_load((TOY / name).read_text())
+    config["model"]["init_args"]["network"].get("init_args", {}).pop("weights", None)
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("LastStepCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = 2
@@ -107,9 +108,9 @@ def run_command(pipeline: Path, fault: Fault | None = None) -> int:
     """Run the pipeline command in a forked process, killed at ``fault``; its exit code (-9: killed)."""
 
     def command() -> None:
-        torch.set_num_threads(
-            1
-        )  # the same arithmetic in every command; and a forked child must not use OpenMP
+        # The same arithmetic in every command; set in the main thread before any other starts, which a forked
+        # process needs (threads that start torch's thread pool at once after a fork fail).
+        torch.set_num_threads(1)
         if fault is not None:
             _, owner, attribute, which, counts = fault
             real, calls = getattr(owner, attribute), [0]

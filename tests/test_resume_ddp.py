@@ -44,6 +44,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+class OneThreadPerRank(Callback):
+    """Each forked rank sets its torch threads in its main thread first (Lightning does so only when
+    ``OMP_NUM_THREADS`` is unset): threads that start torch's thread pool at once after a fork fail."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        torch.set_num_threads(1)
+
+
 class KillAt(Callback):
     """Every process sends itself SIGKILL before the step after ``step`` (whose checkpoint was written)."""
 
@@ -72,6 +80,7 @@ def fit(run: Path, teacher: Path, datamodule: Any, kill_at: int | None = None) -
         ),
         LastStepCheckpoint(dirpath=str(run / "checkpoints"), every_n_train_steps=1),
         KillAt(kill_at),
+        OneThreadPerRank(),
     ]
     torch.manual_seed(0)
     task = SelfTraining(network=TinySegNet(), lambda_sa=0.0, lr=1e-2)

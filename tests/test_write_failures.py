@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer
 
 import uda_sam.pseudo_labels.generation as generation_module
@@ -142,6 +143,7 @@ def test_fit_on_a_full_disk_ends_with_one_error_naming_the_checkpoint(
     args = ["fit", "--config", str(TOY / "no_pseudo.yaml"), "--trainer.logger=false"]
     args += [f"--data.source_root={toy_root / 'gta5'}", f"--data.target_root={toy_root / 'cityscapes'}"]
     args += ["--data.source_size=[72, 40]", "--data.target_size=[64, 32]", "--data.source_holdout=1"]
+    args += ["--data.batch_size=1"]
     args += ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
     assert main(args) == 2
     checkpoints = tmp_path / "runs" / "toy" / "no_pseudo" / "checkpoints"
@@ -178,12 +180,26 @@ def test_pseudo_label_command_on_a_read_only_folder(
     from uda_sam.nn import DeepLabV2
 
     data = tmp_path / "data.yaml"
+    network_args = {"num_classes": 19, "backbone": "resnet18", "pretrained": None, "freeze_bn": False}
     data.write_text(
-        f"data:\n  source_root: {toy_root / 'gta5'}\n  target_root: {toy_root / 'cityscapes'}\n"
-        "  source_size: [72, 40]\n  target_size: [64, 32]\n"
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source_root": str(toy_root / "gta5"),
+                    "target_root": str(toy_root / "cityscapes"),
+                    "source_size": [72, 40],
+                    "target_size": [64, 32],
+                },
+                "model": {
+                    "init_args": {
+                        "network": {"class_path": "uda_sam.nn.DeepLabV2", "init_args": network_args}
+                    }
+                },
+            }
+        )
     )
     torch.manual_seed(0)
-    network = DeepLabV2(19, backbone="resnet18", freeze_bn=False)
+    network = DeepLabV2(**network_args)
     teacher = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": {f"network.{k}": v for k, v in network.state_dict().items()}}, teacher)
     out = tmp_path / "labels" / "generation_1"
