@@ -114,6 +114,23 @@ def test_a_lock_held_by_this_process_or_its_parent_lets_it_in(tmp_path: Path) ->
             rank_zero_only.rank = rank
 
 
+def test_a_folder_that_cannot_be_locked_runs_unlocked_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock file that cannot be made (a folder whose parent is read-only) does not stop the command."""
+    real_open = os.open
+
+    def read_only_parent(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only_parent)
+    with pytest.warns(UserWarning, match="cannot be locked .Permission denied.; running unlocked"):
+        with run_lock([tmp_path / "checkpoints"], "uda-sam fit"):
+            pass
+
+
 SMALL = [
     "--data.source_size=[72, 40]",
     "--data.target_size=[64, 32]",

@@ -8,8 +8,8 @@ time of its holder, and locked (``fcntl.lockf``) while the command runs. The ope
 when the process ends, however it ends (forked children, such as data-loader workers, do not hold it), so the lock
 of a killed command is stale at once and the next command takes it over. Under DDP only the process of global rank
 0 takes locks; processes it launches (``ddp_spawn`` children) find the folder held by their parent and go on.
-Where the operating system or file system cannot lock files (Windows, some network file systems), commands run
-unlocked.
+Where the operating system cannot lock files (Windows), commands run unlocked; where the file system cannot (some
+network file systems) or the lock file cannot be made (a read-only parent folder), unlocked with a warning.
 """
 
 from __future__ import annotations
@@ -34,8 +34,17 @@ except ImportError:  # Windows
 
 __all__ = ["FolderInUseError", "lock_file", "run_lock"]
 
-#: errno values of a file system that does not lock files.
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+#: errno values of a file system that does not lock files, or of a lock file that cannot be made (a folder whose
+#: parent is read-only, such as a container's mount point).
+_NO_LOCKS = {
+    errno.ENOLCK,
+    errno.EOPNOTSUPP,
+    errno.ENOSYS,
+    errno.EINVAL,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+}
 
 
 class FolderInUseError(FileExistsError):
@@ -106,7 +115,7 @@ def _check_folders_above(folder: Path) -> None:
             continue
         try:
             fd, record = _try_lock(path, exclusive=False)
-        except FileNotFoundError:  # released meanwhile
+        except OSError:  # released meanwhile, or not readable here
             continue
         if fd is not None:  # stale: left by a process that ended; not ours to remove
             os.close(fd)
