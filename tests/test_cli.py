@@ -27,6 +27,7 @@ SMALL = [
     "--data.source_size=[72, 40]",
     "--data.target_size=[64, 32]",
     "--data.val_batch_size=2",
+    "--data.batch_size=2",
     "--data.source_holdout=1",
     "--trainer.max_steps=2",
     "--trainer.val_check_interval=2",

@@ -215,5 +215,12 @@ def test_toy_configs_run_offline_on_cpu() -> None:
             config = load(path)
             assert config["trainer"]["accelerator"] == "auto"  # the GPU when there is one
             assert config["trainer"]["logger"]["init_args"]["offline"] is True
-            network = config["model"]["init_args"]["network"]["init_args"]
-            assert network["backbone"] == "resnet18" and network["pretrained"] is None
+            network = config["model"]["init_args"]["network"]
+            assert network["class_path"] == "uda_sam.nn.DilatedFCN"
+            # Stage 0 trains from scratch; every later stage starts from its network with BatchNorm frozen.
+            starts_from_no_pseudo = (
+                network["init_args"].get("weights") == "runs/toy/no_pseudo/checkpoints/last.ckpt"
+            )
+            assert (
+                starts_from_no_pseudo == network["init_args"]["freeze_bn"] == (path.name != "no_pseudo.yaml")
+            )

@@ -38,6 +38,7 @@ def example_args(toy_root: Path, out: Path, steps: int = 3) -> list[str]:
         f"--data.target_root={toy_root / 'cityscapes'}",
         f"--data.source_size=[{TOY_SOURCE_SIZE[0]}, {TOY_SOURCE_SIZE[1]}]",
         f"--data.target_size=[{TOY_SIZE[0]}, {TOY_SIZE[1]}]",
+        "--data.batch_size=2",  # the session toy set has 4 source images
     ]
 
 

@@ -20,8 +20,11 @@ TOY = REPO / "configs" / "toy"
 
 
 def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
-    """The shipped toy pipeline, shrunk: the session's tiny toy set, 6 steps per stage."""
+    """The shipped toy pipeline, shrunk: the session's tiny toy set, its first two settings, no Oracle, 6 steps per
+    stage."""
     config = yaml.safe_load((TOY / "pipeline.yaml").read_text())
+    config["settings"] = config["settings"][:2]
+    config.pop("oracle", None)
     for stage in ("no_pseudo", "sam_pretraining", "oracle"):
         if stage in config:
             config[stage]["config"] = str(TOY / Path(config[stage]["config"]).name)
@@ -119,6 +122,31 @@ def test_toy_pipeline_end_to_end(
     # A second run resumes: every stage is skipped.
     assert main(["pipeline", "--config", str(path)]) == 0
     assert printed.count("[skip]") == 0 and capsys.readouterr().out.count("[skip]") == 6
+
+
+def test_later_stages_start_from_the_seed_no_pseudo_network(
+    tmp_path: Path, toy_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uda_sam.cli.pipeline as pipeline
+
+    calls: dict[str, list[str]] = {}
+
+    def fake_stage(name: str, stage_dir: Path, stage: object, extra_args: list[str], seed: int, **_: object):
+        calls[name] = list(extra_args)
+        return pipeline.StageResult(name=name, metrics={}, checkpoint=str(stage_dir / "last.ckpt"))
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    config = load_pipeline_config(pipeline_file(tmp_path, toy_root))
+    assert config.init_from_no_pseudo  # the shipped toy pipeline's setting
+    pipeline.run_seed(config, 3, tmp_path / "out")
+    weights = f"--model.init_args.network.init_args.weights={tmp_path / 'out' / 'seed_3' / 'no_pseudo' / 'last.ckpt'}"
+    assert weights not in calls.pop("No Pseudo")
+    assert calls and all(weights in args for args in calls.values())  # SAM pretraining and every setting
+
+
+def test_init_from_no_pseudo_must_be_a_boolean(tmp_path: Path, toy_root: Path) -> None:
+    with pytest.raises(PipelineConfigError, match="init_from_no_pseudo` must be true or false"):
+        load_pipeline_config(pipeline_file(tmp_path, toy_root, init_from_no_pseudo="yes"))
 
 
 def test_stage_checkpoints_write_last_at_the_last_step(tmp_path: Path) -> None:

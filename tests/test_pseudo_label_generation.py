@@ -474,18 +474,18 @@ def test_offline_pseudo_label_command(
     tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from uda_sam.cli import main
-    from uda_sam.nn import DeepLabV2
+    from uda_sam.nn import DilatedFCN
 
     config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "pseudo_only.yaml"
     data = tmp_path / "data.yaml"
     data.write_text(
         f"data:\n  source_root: {toy_root / 'gta5'}\n  target_root: {toy_root / 'cityscapes'}\n"
         "  source_size: [72, 40]\n  target_size: [64, 32]\n"
+        # the teacher comes from --checkpoint; the config's starting weights (No Pseudo's) are not needed
+        "model:\n  init_args:\n    network:\n      init_args:\n        weights: null\n"
     )
     torch.manual_seed(0)
-    checkpoint = teacher_checkpoint(
-        tmp_path / "teacher.ckpt", DeepLabV2(19, backbone="resnet18", freeze_bn=False)
-    )
+    checkpoint = teacher_checkpoint(tmp_path / "teacher.ckpt", DilatedFCN(19))
     out = tmp_path / "labels" / "generation_1"
     args = [
         "pseudo-label",
@@ -509,7 +509,7 @@ def test_offline_pseudo_label_command(
     assert "--checkpoint" in capsys.readouterr().err
     # Another teacher, with --reuse require: refused, naming what differs; by default: made again.
     torch.manual_seed(1)
-    other = teacher_checkpoint(tmp_path / "other.ckpt", DeepLabV2(19, backbone="resnet18", freeze_bn=False))
+    other = teacher_checkpoint(tmp_path / "other.ckpt", DilatedFCN(19))
     assert main([*args, "--checkpoint", str(other), "--reuse", "require"]) == 2
     assert "differs in teacher_sha256" in capsys.readouterr().err
     assert main([*args, "--checkpoint", str(other)]) == 0

@@ -26,6 +26,11 @@ Pipeline file (YAML)::
       - {name: Pseudo-Only, config: configs/toy/pseudo_only.yaml}
       - {name: "Ours (8)&(10)", config: configs/toy/ours.yaml, uses_sam: true}
     oracle: {config: configs/toy/oracle.yaml}   # optional
+    init_from_no_pseudo: false      # true: every later stage's network starts from this seed's No Pseudo network
+
+``init_from_no_pseudo`` gives every stage after No Pseudo (the SAM's, each generation's student, the Oracle) the
+weights of the same seed's No Pseudo network (``--model.init_args.network.init_args.weights``): the toy pair's
+stand-in for the ImageNet weights the paper starts every stage from.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class PipelineConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     toy_data: dict[str, Any] | None = None
     common_args: list[str] = field(default_factory=list)
+    init_from_no_pseudo: bool = False
     source_file: str = ""
 
 
@@ -97,6 +103,7 @@ _TOP_KEYS = {
     "seeds",
     "toy_data",
     "common_args",
+    "init_from_no_pseudo",
 }
 _STAGE_KEYS = {"config", "args", "name", "uses_sam", "generations"}
 
@@ -174,10 +181,17 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         seeds=[int(s) for s in raw.get("seeds", [0])],
         toy_data=raw.get("toy_data"),
         common_args=list(raw.get("common_args", [])),
+        init_from_no_pseudo=_flag(raw.get("init_from_no_pseudo", False), "init_from_no_pseudo", path),
         source_file=str(path),
     )
     _check_consistency(config, path)
     return config
+
+
+def _flag(value: Any, key: str, path: Path) -> bool:
+    if not isinstance(value, bool):
+        raise PipelineConfigError(f"{path}: `{key}` must be true or false, got {value!r}")
+    return value
 
 
 def _config_value(stage: StageConfig, dotted: str, default: Any, extra_args: Sequence[str] = ()) -> Any:
@@ -496,10 +510,12 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
     def banner(title: str) -> None:
         print(f"\n=== [seed {seed}] stage {next(step)}/{len(plan)}: {title} ===", flush=True)
 
-    common = list(config.common_args)
     banner("No Pseudo (source only)")
-    no_pseudo = run_stage("No Pseudo", seed_dir / "no_pseudo", config.no_pseudo, common, seed)
+    no_pseudo = run_stage("No Pseudo", seed_dir / "no_pseudo", config.no_pseudo, config.common_args, seed)
     results["No Pseudo"] = {0: no_pseudo}
+    common = list(config.common_args)
+    if config.init_from_no_pseudo:
+        common.append(f"--model.init_args.network.init_args.weights={no_pseudo.checkpoint}")
 
     sam_file = None
     if config.sam_pretraining is not None:
