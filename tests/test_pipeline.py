@@ -63,13 +63,13 @@ def test_toy_pipeline_end_to_end(
 
     # Every stage's artefacts exist; last.ckpt holds the last step, best.ckpt the validated one.
     stages = [seed / "no_pseudo", seed / "sam_pretraining"]
-    stages += [seed / s / f"generation_{g}" for s in ("pseudo_only", "ours_8_10") for g in (1, 2)]
+    stages += [seed / s / f"generation_{g}" for s in ("pseudo_only", "ours_9_11") for g in (1, 2)]
     for stage in stages:
         assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
         assert torch.load(stage / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 4
     assert (seed / "sam_pretraining" / "sam.pt").is_file()
     shared = seed / "no_pseudo" / "pseudo_labels" / "generation_1"  # generation 1's labels, made once
-    for setting in ("pseudo_only", "ours_8_10"):
+    for setting in ("pseudo_only", "ours_9_11"):
         for generation in (1, 2):
             stage = seed / setting / f"generation_{generation}"
             labels = shared if generation == 1 else stage / "pseudo_labels" / f"generation_{generation}"
@@ -105,12 +105,12 @@ def test_toy_pipeline_end_to_end(
     body = {
         cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows[1:5])
     }
-    assert set(body) == {"No Pseudo", "SAM pretraining (network + SAM)", "Pseudo-Only", "Ours (8)&(10)"}
+    assert set(body) == {"No Pseudo", "SAM pretraining (network + SAM)", "Pseudo-Only", "Ours (9)&(11)"}
     assert (
         "same-class share" in table and "| held-out source | 1 |" in table and "| target val | 2 |" in table
     )
-    assert "| Ours (8)&(10) gen 2 |" in table  # the peak-growth table
-    for name in ("Pseudo-Only", "Ours (8)&(10)"):
+    assert "| Ours (9)&(11) gen 2 |" in table  # the peak-growth table
+    for name in ("Pseudo-Only", "Ours (9)&(11)"):
         assert all(0.0 <= float(v) <= 100.0 for v in body[name][1:])
     assert float(body["No Pseudo"][0]) >= 0.0
     captured = capsys.readouterr()
