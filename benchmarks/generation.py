@@ -40,6 +40,32 @@ REPO = Path(__file__).resolve().parents[1]
 DISTINCT_IMAGES = 16
 
 
+def _status_mib(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB (``None`` where ``/proc`` does not tell)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def start_peak() -> float | None:
+    """Reset this process's resident high-water mark (``/proc/self/clear_refs``); the resident size now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_mib("VmRSS")
+
+
+def peak_growth(before: float | None) -> float | None:
+    """Growth of the resident high-water mark since :func:`start_peak` returned ``before`` (MiB)."""
+    peak = _status_mib("VmHWM")
+    return None if before is None or peak is None else peak - before
+
+
 def make_target_set(root: Path, count: int, size: tuple[int, int]) -> Path:
     """A Cityscapes-layout target set of ``count`` training images at ``size``; returns its ``cityscapes`` folder."""
     from uda_sam.data.toy import make_toy_data
@@ -70,7 +96,7 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
 
     from uda_sam.data import Cityscapes
     from uda_sam.nn import DeepLabV2
-    from uda_sam.pseudo_labels.generation import generate_pseudo_labels
+    from uda_sam.pseudo_labels.generation import _collate_uint8_masks, generate_pseudo_labels
 
     device = torch.device(args.device)
     dtype = {"32": None, "bf16": torch.bfloat16}[args.precision]
@@ -79,7 +105,9 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
         cityscapes = make_target_set(Path(tmp) / "toy", num_images, tuple(args.size))
         dataset = Cityscapes(cityscapes, split="train", size=tuple(args.size), labels="optional")
         network = DeepLabV2(19, backbone=args.backbone, pretrained=None).to(device).eval()
-        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+        # Loaded as the generation loads (pinned batches on CUDA, uint8 masks), so that both loops pay the same.
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", collate_fn=_collate_uint8_masks)  # fmt: skip
 
         def infer(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             with (
@@ -94,12 +122,15 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
         synchronize(device)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+        plain_before = start_peak()
         start = time.perf_counter()
         for batch in loader:
             infer(batch["image"], tuple(batch["mask"].shape[-2:]))
         synchronize(device)
         plain = num_images / (time.perf_counter() - start)
+        plain_growth = peak_growth(plain_before)
 
+        generation_before = start_peak()
         start = time.perf_counter()
         generate_pseudo_labels(
             network,
@@ -113,17 +144,24 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
         )
         synchronize(device)
         generation = num_images / (time.perf_counter() - start)
+        generation_growth = peak_growth(generation_before)
         rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
     return {
         "images": num_images,
         "plain": plain,
         "generation": generation,
         "rss_growth_mib": rss_growth,
+        "plain_peak_growth_mib": plain_growth,
+        "generation_peak_growth_mib": generation_growth,
         "scaling_seconds": time.monotonic()
         - began,  # the part of the worker's time that grows with the images
         "machine": machine_info(device),
         "config": run_config(args),
     }
+
+
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,20 +223,24 @@ def write_report(
         f"- Command: `{command}`; load average at the start {machine['loadavg']} (a shared machine inflates both "
         "rates alike)",
         "- plain = network + upsampling + argmax only; generation = `generate_pseudo_labels` (histogram, cached maps, "
-        "thresholds, PNGs, statistics, atomic folder). Host memory: growth of `ru_maxrss` during the run, fresh process.",
+        "thresholds, PNGs, statistics, atomic folder); both load alike (pinned batches on CUDA, uint8 masks). Host "
+        "memory: growth of `ru_maxrss` over both loops, fresh process; each loop's own: its resident high-water mark "
+        "(reset before it through `/proc/self/clear_refs`) minus the resident size at its start.",
         f"- time box: {box['seconds'] or 'none'} s{' (reached)' if box['reached'] else ''}"
         f"{'' if complete else '; run still in progress or cut short'}",
         "",
-        "| images | plain img/s | generation img/s | generation / plain | host memory growth (MiB) |",
-        "|---:|---:|---:|---:|---:|",
+        "| images | plain img/s | generation img/s | generation / plain | host memory growth (MiB) "
+        "| plain's own (MiB) | generation's own (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['images']} | {row['error']} | | | |")
+            lines.append(f"| {row['images']} | {row['error']} | | | | | |")
             continue
         lines.append(
             f"| {row['images']} | {row['plain']:.1f} | {row['generation']:.1f} | {row['generation'] / row['plain']:.2f} "
-            f"| {row['rss_growth_mib']:.0f} |"
+            f"| {row['rss_growth_mib']:.0f} | {mib(row.get('plain_peak_growth_mib'))} "
+            f"| {mib(row.get('generation_peak_growth_mib'))} |"
         )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{args.stem or 'generation_' + ('cuda' if machine.get('gpu') else 'cpu')}.md"

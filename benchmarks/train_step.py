@@ -24,7 +24,8 @@ Timing: CUDA is synchronised at the start and at the end of every step. ``ms/ste
 itself (Lightning: ``on_train_batch_start`` -> ``on_train_batch_end``, which includes the optimiser and scheduler
 steps; plain loop: forward -> optimiser and scheduler steps), ``ms/iteration`` the median time between two step
 starts (adds fetching the batch, the host-to-device copy and the loop's own work). Peak GPU memory is
-``torch.cuda.max_memory_allocated`` over one variant (reset before it). The total losses of the first steps are
+``torch.cuda.max_memory_allocated`` over one variant's timed steps (reset at the first: the warm-up's cuDNN
+algorithm search allocates workspaces far beyond what a step needs). The total losses of the first steps are
 compared between fp32 and bf16. On CUDA one warm-up step per variant also runs under
 ``torch.cuda.set_sync_debug_mode("warn")`` to list the operations that make the host wait for the GPU.
 
@@ -54,6 +55,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import re
 import statistics
 import sys
@@ -121,8 +123,9 @@ DEFAULT_VARIANTS = (
 )
 COMPILE_VARIANTS = ("plain-bf16-compile", "lightning-bf16-compile")
 #: Timed steps a variant always takes after its warm-up, whatever its share of the time box (unless the box is used
-#: up): a slow first step (cuDNN's algorithm search) must not leave a variant unmeasured.
-MIN_TIMED_STEPS = 3
+#: up): a slow first step (cuDNN's algorithm search) must not leave a variant unmeasured, and a median needs
+#: enough steps to mean something.
+MIN_TIMED_STEPS = 10
 _VARIANT_RE = re.compile(
     r"^(?P<runner>plain|lightning)-(?P<precision>fp32|bf16)(?P<task>-stage0|-stage1)?(?P<nosam>-nosam)?(?P<compile>-compile)?$"
 )
@@ -281,6 +284,13 @@ class Setup:
         return min(self.warmup + MIN_TIMED_STEPS + 1, self.total_steps)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak GPU memory afresh (at the first timed step: the warm-up's cuDNN algorithm search allocates
+    workspaces far beyond what a step needs, up to the whole GPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def fresh_network(setup: Setup, variant: Variant) -> DeepLabV2:
     network = copy.deepcopy(setup.base_network)
     if variant.compile:
@@ -321,6 +331,8 @@ def run_plain(setup: Setup, variant: Variant, root: Path) -> Result:
         copy_starts.append(synchronized_time(device))
         batch = to_device(setup.batch, device)
         starts.append(synchronized_time(device))
+        if index == setup.warmup:
+            reset_peak_memory(device)
         if index == setup.debug_step:
             counter.start()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -363,8 +375,8 @@ class StepTimer(Callback):
     Stops the fit after the step at which ``share`` is done.
     """
 
-    def __init__(self, device: torch.device, debug_step: int | None, share: Share) -> None:
-        self.device, self.debug_step, self.share = device, debug_step, share
+    def __init__(self, device: torch.device, warmup: int, debug_step: int | None, share: Share) -> None:
+        self.device, self.warmup, self.debug_step, self.share = device, warmup, debug_step, share
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.losses: list[Tensor] = []
@@ -374,6 +386,8 @@ class StepTimer(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.starts.append(synchronized_time(self.device))
+        if batch_idx == self.warmup:  # the first timed step
+            reset_peak_memory(self.device)
         if batch_idx == self.debug_step:
             self.counter.start()
 
@@ -404,7 +418,7 @@ def build_task(setup: Setup, variant: Variant, root: Path) -> LightningModule:
 def run_lightning(setup: Setup, variant: Variant, root: Path) -> Result:
     device, result = setup.device, Result(variant)
     module = build_task(setup, variant, root)
-    timer = StepTimer(device, setup.debug_step, setup.share)
+    timer = StepTimer(device, setup.warmup, setup.debug_step, setup.share)
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -516,6 +530,12 @@ def analyse(
                 f"{ok[name].iteration / ok['lightning-bf16'].iteration:.2f} x the lightning-bf16 self-training iteration"
             )
 
+    for name, r in ok.items():
+        bad = next((i for i, x in enumerate(r.losses) if not math.isfinite(x)), None)
+        if bad is not None:
+            summary.append(
+                f"{name}: the loss is not finite from step {bad} on (warm-up included; the timing goes on)"
+            )
     # Losses of the first steps (same weights, same batch).
     count = min(args.loss_steps, args.warmup + args.steps)
     columns = [n for n in ("plain-fp32", "plain-bf16", "lightning-fp32", "lightning-bf16") if n in ok]
@@ -706,6 +726,10 @@ def result_record(result: Result) -> dict[str, Any]:
         "iteration_ms": result.iteration if measured else None,
         "min_step_ms": min(result.step_ms) if measured else None,
         "timed_steps": len(result.step_ms),
+        "all_step_ms": [round(ms, 2) for ms in result.step_ms],
+        "first_nonfinite_loss_step": next(
+            (i for i, x in enumerate(result.losses) if not math.isfinite(x)), None
+        ),
         "peak_mib": result.peak_mib,
         "losses": result.losses,
         "error": result.error,

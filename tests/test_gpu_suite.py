@@ -123,7 +123,7 @@ def test_cuda_checks_without_pytest_are_recorded_as_not_run(
         importlib.util, "find_spec", lambda name: None if name == "pytest" else find_spec(name)
     )
     [checks] = [step for step in suite.STEPS if step.script is None]
-    record = suite.run_step(checks, True, tmp_path, tmp_path)
+    record = suite.run_step(checks, True, tmp_path, tmp_path, checks.smoke_box_s)
     assert (
         record.status == "not run: pytest missing" and record.wall_s is None and not list(tmp_path.iterdir())
     )
@@ -259,13 +259,13 @@ def test_variants_after_one_cut_short_are_measured_not_skipped() -> None:
     """A first variant whose first step outlasts its share (cuDNN's search) must not leave the rest unmeasured."""
     train_step = benchmark_module("train_step")
     clock = FakeClock()
-    box = train_step.TimeBox(80.0, clock=clock, started=0.0)
+    box = train_step.TimeBox(200.0, clock=clock, started=0.0)
     variants = [train_step.parse_variant(name) for name in train_step.DEFAULT_VARIANTS]
     assert [v.name for v in variants[:5]] == ["plain-fp32", "lightning-fp32", "plain-bf16", "lightning-bf16",
                                               "lightning-bf16-nosam"]  # fmt: skip
     setup = train_step.Setup(device=None, base_network=None, sam_path=Path("sam.pt"), batch={}, warmup=2,
                              steps=20, lambda_sa=0.1, debug_step=None)  # fmt: skip
-    first_step_s = {"plain-fp32": 30.0}  # the first variant's first step takes 3x its share of 10 s
+    first_step_s = {"plain-fp32": 75.0}  # the first variant's first step takes 3x its share of 25 s
 
     def run_one(variant: Any, share: Any) -> Any:
         taken = 0
@@ -283,7 +283,7 @@ def test_variants_after_one_cut_short_are_measured_not_skipped() -> None:
     assert all(r.error is None for r in results.values()), results
     assert timed["plain-fp32"] == train_step.MIN_TIMED_STEPS  # its floor, although its share had ended
     assert all(n >= train_step.MIN_TIMED_STEPS for n in timed.values()), timed
-    assert box.reached and clock.now <= 80.0 + 30.0
+    assert box.reached and clock.now <= 200.0 + 75.0
 
 
 def test_variants_left_when_the_box_is_used_up_are_skipped() -> None:
@@ -303,3 +303,21 @@ def test_variants_left_when_the_box_is_used_up_are_skipped() -> None:
     train_step.measure_variants(variants, box, setup, run_one, results)
     assert results["plain-fp32"].error.startswith("time box used up")
     assert [results[n].error for n in ("lightning-fp32", "plain-bf16")] == ["skipped: time box used up"] * 2
+
+
+def test_boxes_shrink_toward_their_least_so_every_chosen_step_runs(suite: ModuleType) -> None:
+    steps = list(suite.STEPS)
+    full = {s.name: s.box_s for s in steps}
+    need = sum(full.values()) + suite.GRACE_S * len(steps) + suite.RESERVE_S
+    assert suite.fit_boxes(steps, need, smoke=False) == full  # they fit: kept
+    assert suite.fit_boxes(steps, 60, smoke=True) == {
+        s.name: s.smoke_box_s for s in steps
+    }  # smoke: never shrunk
+
+    short = need - 60
+    boxes = suite.fit_boxes(steps, short, smoke=False)
+    assert sum(boxes.values()) + suite.GRACE_S * len(steps) + suite.RESERVE_S <= short + 1
+    for step in steps:
+        assert step.min_box_s <= boxes[step.name] < step.box_s
+    least = suite.fit_boxes(steps, 100, smoke=False)  # not even the least boxes fit
+    assert least == {s.name: s.min_box_s for s in steps}

@@ -8,11 +8,14 @@ The work is two passes, but the network runs only once:
 
 1. inference: each rank runs the network over its shard of the target images (``indices[rank::world_size]``), feeds
    the class-wise histogram and caches, per image, the argmax class and the *bin index* of its confidence on disk
-   (4 bytes a pixel with the ground truth; deleted at the end). Host memory stays constant in the number of images;
-   the loader's workers hand the masks over as uint8 (what the cache keeps), not as int64.
-2. labelling: once the summed histograms give the thresholds, each rank turns its cached maps into label PNGs and
-   statistics in a pool of threads (each thread with its own counters, summed at the end), so that this pass, which
-   no network work can hide, runs on several cores.
+   (3 bytes a pixel; deleted at the end). On the same device it counts, per class and bin, the pixels with ground
+   truth and those whose ground truth equals the argmax, and the ground-truth pixels per class: once the thresholds
+   are known these give the label statistics exactly, so the ground truth is never cached. Host memory stays
+   constant in the number of images; the loader's workers hand the masks over as uint8, not as int64.
+2. labelling: once the summed histograms give the thresholds, each rank turns its cached maps into label PNGs in a
+   pool of threads, so that this pass, which no network work can hide, runs on several cores. The threads run numpy
+   and zlib only, never torch: torch operations in new threads of a forked process (Lightning's ``ddp_fork``) can
+   fail on its thread pool, and each such thread would start an intra-op thread pool of its own.
 
 A pixel keeps its class when its confidence bin is at or above the bin of ``tau[class]``; since ``tau`` is a bin edge
 (see :class:`~uda_sam.pseudo_labels.ClasswiseThresholdEstimator`), this is exactly ``conf >= tau``.
@@ -37,7 +40,6 @@ import json
 import math
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,11 +81,69 @@ ReuseMode = Literal["matching", "require", "never"]
 THRESHOLDS_FILE = "thresholds.json"
 #: Threads that write cache files and encode label PNGs (zlib releases the GIL) while the network runs.
 IO_THREADS = 4
-#: Threads that make the labels, their PNGs and statistics from the cached maps (numpy, zlib and torch release the GIL).
+#: Threads that make the labels and their PNGs from the cached maps (numpy and zlib release the GIL; no torch).
 LABEL_THREADS = max(IO_THREADS, min(16, os.cpu_count() or 1))
 STATISTICS_FILE = "statistics.json"
 #: Most histogram bins a generation supports: each pixel's bin is cached as an int16.
 MAX_BINS = 2**15
+
+
+class _GroundTruthCounts:
+    """Pixel counts of pass 1 from which :class:`PseudoLabelStatistics` follow once the thresholds are known.
+
+    ``per_bin[0, c, b]``: pixels with argmax ``c``, confidence bin ``b`` and ground truth (not ``ignore``);
+    ``per_bin[1, c, b]``: those whose ground truth is ``c``; ``gt_pixels[c]``: ground-truth pixels of class ``c``.
+    A pixel keeps its label ``c`` when ``b >= bin(tau[c])``, so the statistics' counters are sums over the bins at
+    or above each class's threshold bin. Updated on the device without host synchronisation.
+    """
+
+    def __init__(self, num_classes: int, num_bins: int, device: torch.device) -> None:
+        self.num_classes, self.num_bins = num_classes, num_bins
+        self.per_bin = torch.zeros(2, num_classes * num_bins, dtype=torch.long, device=device)
+        self.gt_pixels = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.total_pixels = 0
+
+    def update(self, bins: Tensor, predicted: Tensor, gt: Tensor) -> None:
+        """Add a batch: ``bins`` and ``predicted`` as in the histogram, ``gt`` uint8 trainIds (255 unlabelled)."""
+        gt = gt.to(bins.device, non_blocking=True).reshape(-1).long()
+        index = (predicted.reshape(-1).long() * self.num_bins + bins.reshape(-1)).expand(2, -1)
+        valid = gt != IGNORE_INDEX
+        correct = valid & (gt == predicted.reshape(-1))
+        self.per_bin.scatter_add_(1, index, torch.stack([valid, correct]).long())
+        self.gt_pixels.scatter_add_(0, torch.where(valid, gt, 0), valid.long())
+        self.total_pixels += gt.numel()
+
+    def sync(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> None:
+        """Sum the counts over the processes of a generation (every rank calls it)."""
+        total = torch.tensor([self.total_pixels], dtype=torch.long, device=self.per_bin.device)
+        for name, tensor in (("per_bin", self.per_bin), ("gt_pixels", self.gt_pixels), ("total", total)):
+            summed = reduce_sum(tensor.to(device)).to(tensor.device)
+            if name == "total":
+                self.total_pixels = int(summed.item())
+            else:
+                setattr(self, name, summed)
+
+    def statistics(self, histogram: Tensor, threshold_bins: Tensor) -> PseudoLabelStatistics:
+        """The statistics of the labels ``argmax`` where ``bin >= threshold_bins[argmax]``.
+
+        Args:
+            histogram: ``(C, num_bins)`` counts of every pixel by argmax and bin
+                (:attr:`ClasswiseThresholdEstimator.histogram`), over the same pixels as these counts.
+            threshold_bins: ``(C,)`` bin of each class's threshold.
+        """
+        kept = torch.arange(self.num_bins) >= threshold_bins.cpu().reshape(-1, 1)  # (C, num_bins)
+        per_bin = self.per_bin.cpu().view(2, self.num_classes, self.num_bins)
+        stats = PseudoLabelStatistics(self.num_classes)
+        stats.counts = torch.stack(
+            [
+                (histogram.cpu() * kept).sum(dim=1),  # labelled
+                (per_bin[0] * kept).sum(dim=1),  # evaluated: labelled with ground truth
+                (per_bin[1] * kept).sum(dim=1),  # correct
+                self.gt_pixels.cpu(),
+            ]
+        )
+        stats.total_pixels = torch.tensor(self.total_pixels, dtype=torch.long)
+        return stats
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -342,7 +402,7 @@ def generate_pseudo_labels(
         was_training = network.training
         network.eval()
         try:
-            estimator, cached = _infer_and_cache(
+            estimator, counts, cached = _infer_and_cache(
                 network,
                 dataset,
                 cache_dir,
@@ -360,8 +420,11 @@ def generate_pseudo_labels(
             network.train(was_training)
 
         estimator.sync(group.reduce_sum, group.device)
+        counts.sync(group.reduce_sum, group.device)
         thresholds = estimator.compute()
-        statistics = _write_labels(cached, thresholds, num_classes, num_bins, tmp_dir, group)
+        threshold_bins = torch.round(thresholds.double() * num_bins).long()
+        _write_labels(cached, threshold_bins.numpy(), tmp_dir)
+        statistics = _statistics_record(counts.statistics(estimator.histogram, threshold_bins), thresholds)
         group.barrier()
 
         record = {
@@ -430,8 +493,9 @@ def _infer_and_cache(
     autocast_dtype: torch.dtype | None,
     group: ProcessGroup,
     progress: bool,
-) -> tuple[ClasswiseThresholdEstimator, list[tuple[Path, str]]]:
-    """Pass 1: inference over this rank's shard; returns the local histogram and the cached (file, name) pairs."""
+) -> tuple[ClasswiseThresholdEstimator, _GroundTruthCounts, list[tuple[Path, str]]]:
+    """Pass 1: inference over this rank's shard; returns the local histogram, the local ground-truth counts and the
+    cached (file, name) pairs."""
     # Shard by index, not with DistributedSampler: it pads with repeated images, which would be counted twice.
     shard = Subset(dataset, range(group.rank, len(dataset), group.world_size))
     loader = DataLoader(
@@ -444,6 +508,7 @@ def _infer_and_cache(
         generator=torch.Generator().manual_seed(0),
     )
     estimator = ClasswiseThresholdEstimator(num_classes, num_bins, cap)
+    counts = _GroundTruthCounts(num_classes, num_bins, device)
     cached: list[tuple[Path, str]] = []
     pending: list[Future] = []
     writer = ThreadPoolExecutor(IO_THREADS)
@@ -457,6 +522,7 @@ def _infer_and_cache(
                 autocast_dtype,
                 num_classes,
                 estimator,
+                counts,
                 cache_dir,
                 group,
                 cached,
@@ -472,7 +538,7 @@ def _infer_and_cache(
     finally:
         writer.shutdown(wait=True)
         bar.close()
-    return estimator, cached
+    return estimator, counts, cached
 
 
 def _collate_uint8_masks(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -492,15 +558,19 @@ def _infer_batch(
     autocast_dtype: torch.dtype | None,
     num_classes: int,
     estimator: ClasswiseThresholdEstimator,
+    counts: _GroundTruthCounts,
     cache_dir: Path,
     group: ProcessGroup,
     cached: list[tuple[Path, str]],
     pending: list[Future],
     writer: ThreadPoolExecutor,
 ) -> None:
-    """Run one batch, feed the histogram and queue the cache writes of its images."""
+    """Run one batch, feed the histogram and the ground-truth counts, and queue the cache writes of its images."""
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"]
+    masks_host = masks.numpy()
+    if ((masks_host != IGNORE_INDEX) & (masks_host >= num_classes)).any():
+        raise ValueError(f"gt holds values outside 0..{num_classes - 1} and {IGNORE_INDEX}")
     with _autocast(device, autocast_dtype):
         logits = network(images)
         if isinstance(logits, tuple):
@@ -512,56 +582,37 @@ def _infer_batch(
     confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
     bins = estimator.bin_index(confidence)
     estimator.update_from_bins(bins, predicted)  # argmax classes are in range: no check, no device sync
+    counts.update(bins, predicted, masks)
     # Narrowed on the device: 3 bytes a pixel cross to the host instead of 16.
     predicted_host = predicted.to(torch.uint8).cpu().numpy()
     bins_host = bins.to(torch.int16).cpu().numpy()
     for i, name in enumerate(batch["name"]):
         path = cache_dir / f"r{group.rank}_{len(cached):08d}.npz"
-        arrays = {
-            "predicted": predicted_host[i],
-            "bins": bins_host[i],
-            "gt": masks[i].numpy().astype(np.uint8),
-        }
+        arrays = {"predicted": predicted_host[i], "bins": bins_host[i]}
         pending.append(writer.submit(_save_cache, path, arrays))
         cached.append((path, name))
 
 
-def _write_labels(
-    cached: list[tuple[Path, str]],
-    thresholds: Tensor,
-    num_classes: int,
-    num_bins: int,
-    tmp_dir: Path,
-    group: ProcessGroup,
-) -> dict[str, Any]:
-    """Pass 2: cached predictions -> label PNGs; returns the statistics summed over all ranks."""
-    threshold_bins = torch.round(thresholds.double() * num_bins).long().numpy()
-    # Counters per thread, summed below: no thread waits for another, and nothing piles up between them.
-    local, per_thread, lock = threading.local(), [], threading.Lock()
+def _write_labels(cached: list[tuple[Path, str]], threshold_bins: np.ndarray, tmp_dir: Path) -> None:
+    """Pass 2: cached predictions -> label PNGs, in threads that run numpy and zlib only (no torch)."""
 
     def label_one(item: tuple[Path, str]) -> None:
         path, name = item
         with np.load(path) as arrays:
-            predicted, bins, gt = arrays["predicted"], arrays["bins"], arrays["gt"]
+            predicted, bins = arrays["predicted"], arrays["bins"]
         labels = np.where(bins >= threshold_bins[predicted], predicted, IGNORE_INDEX).astype(np.uint8)
         with _writing(tmp_dir / f"{name}.png"):
             save_label_png(labels, tmp_dir / f"{name}.png")
         path.unlink()
-        if not hasattr(local, "stats"):
-            local.stats = PseudoLabelStatistics(num_classes)
-            with lock:
-                per_thread.append(local.stats)
-        has_gt = bool((gt != IGNORE_INDEX).any())
-        local.stats.update(torch.from_numpy(labels), torch.from_numpy(gt) if has_gt else None)
 
     with ThreadPoolExecutor(LABEL_THREADS) as pool:
         for _ in pool.map(label_one, cached):
             pass
-    stats = PseudoLabelStatistics(num_classes)
-    for part in per_thread:
-        stats.counts += part.counts
-        stats.total_pixels += part.total_pixels
-    stats.sync(group.reduce_sum, group.device)
+
+
+def _statistics_record(stats: PseudoLabelStatistics, thresholds: Tensor) -> dict[str, Any]:
+    """The content of ``statistics.json``."""
+    num_classes = stats.num_classes
     per_class = stats.as_records(thresholds, CLASS_NAMES[:num_classes])
     summary = stats.compute()
     evaluated = int(summary["evaluated"].sum())
