@@ -19,8 +19,7 @@ import torch
 
 from uda_sam.data import Cityscapes
 from uda_sam.nn import DeepLabV2
-from uda_sam.nn.sam_io import load_network_weights
-from uda_sam.tasks import load_sam
+from uda_sam.nn.sam_io import load_network_weights, load_sam
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 
-from uda_sam.data import Cityscapes, UDADataModule  # noqa: E402
+from uda_sam.data import Cityscapes  # noqa: E402
+from uda_sam.data.datamodule import UDADataModule  # noqa: E402
 from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
 from uda_sam.nn import DeepLabV2, logit_norm, self_attention_loss  # noqa: E402
 from uda_sam.nn.sam_io import load_network_weights  # noqa: E402

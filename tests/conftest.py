@@ -100,8 +100,8 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def toy_datamodule(toy_root: Path) -> Callable[..., object]:
-    """Factory of :class:`~uda_sam.data.UDADataModule` over the session toy set (no workers, native sizes)."""
-    from uda_sam.data import UDADataModule
+    """Factory of :class:`~uda_sam.data.datamodule.UDADataModule` over the session toy set (no workers, native sizes)."""
+    from uda_sam.data.datamodule import UDADataModule
 
     def make(**kwargs: object) -> UDADataModule:
         options: dict[str, object] = {

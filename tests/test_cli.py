@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from uda_sam.cli import EXTRA_COMMANDS, main
+from uda_sam.cli.entry_point import EXTRA_COMMANDS, main
 from uda_sam.nn import DeepLabV2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def test_bad_config_gives_one_message(
 def test_wandb_disabled_wins_over_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
-    from uda_sam.cli import UDASamCLI
+    from uda_sam.cli.lightning import UDASamCLI
 
     wandb.finish()  # an earlier test's run would be taken over by the logger instead of a new one
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from uda_sam.cli import main
+from uda_sam.cli.entry_point import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OVERLAYS = ("logger", "trainer", "init")

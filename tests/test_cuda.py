@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from uda_sam.callbacks import DivergenceMonitor, LastStepCheckpoint, PseudoLabelRegeneration
-from uda_sam.cli import UDASamCLI
+from uda_sam.cli.lightning import UDASamCLI
 from uda_sam.data import Cityscapes
 from uda_sam.data.toy import make_toy_data
 from uda_sam.nn import DeepLabV2, SelfAttentionModule

@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from uda_sam.data import Cityscapes, UDADataModule
+from uda_sam.data import Cityscapes
+from uda_sam.data.datamodule import UDADataModule
 
 try:
     from tests.data import fake_datasets as fake

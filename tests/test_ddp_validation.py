@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from uda_sam.data import UDADataModule
+from uda_sam.data.datamodule import UDADataModule
 from uda_sam.data.toy import make_toy_data
 from uda_sam.tasks import SelfTraining
 

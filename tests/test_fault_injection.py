@@ -7,7 +7,7 @@ while writing pseudo labels, in the second stage's training, and while writing t
 resuming what the one before left. The last command, not killed, must end with the uninterrupted run's
 ``results.json`` and the weights of its every ``last.ckpt``, with no temporary file left.
 
-Each command runs ``uda_sam.cli.main(["pipeline", ...])`` in a forked process (no interpreter start, so the 8
+Each command runs ``uda_sam.cli.entry_point.main(["pipeline", ...])`` in a forked process (no interpreter start, so the 8
 commands take seconds), which sends itself SIGKILL when it reaches the chosen call: the moments are exact, and no
 hook is needed in the package.
 """
@@ -30,7 +30,7 @@ import torch
 import yaml
 
 import uda_sam.pseudo_labels.generation as generation_module
-from uda_sam.cli import main
+from uda_sam.cli.entry_point import main
 from uda_sam.tasks import SegmentationTask, SelfTraining
 
 pytestmark = pytest.mark.skipif(

@@ -1,14 +1,21 @@
-"""The package's tree shows its layers: nothing imports up, nothing imports in a circle, old paths still import.
+"""The package's import graph is the layer chain its docstring and the README state.
 
-Layers (an arrow: "may import"): ``cli -> tasks, callbacks -> data, evaluation, pseudo_labels -> nn``, with the
-shared helpers ``files`` and ``checks`` under them all and ``media`` beside the tasks and callbacks. Every import
-counts, also those inside functions; only ``if TYPE_CHECKING:`` blocks are left out (they never run).
+Floors, lowest first; a module imports modules of its own layer or of a lower floor, never a layer beside it:
+
+- ``files``, ``checks``: helpers that import nothing of the package;
+- ``data``, ``nn``: the two ground floors (readers and label tables; the SAM and the networks), apart;
+- ``evaluation``, ``pseudo_labels``: scores and pseudo labels, over data and nn;
+- ``media``: the W&B media the tasks and the callbacks share;
+- ``tasks``, ``callbacks``: Lightning, apart;
+- ``cli``: the command (it alone also reads the package root, for the version).
+
+Every import counts, also those inside functions; only ``if TYPE_CHECKING:`` blocks are left out (they never run).
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,37 +26,19 @@ import uda_sam
 
 PACKAGE = Path(uda_sam.__file__).parent
 
-#: Modules kept at their former paths for one release (aliases of the new ones): exempt from the layer rule.
-OLD_PATHS = {
-    "uda_sam.analysis": "uda_sam.evaluation.analysis",
-    "uda_sam.generation": "uda_sam.pseudo_labels.generation",
-    "uda_sam.metrics": "uda_sam.evaluation.metrics",
-    "uda_sam.pipeline": "uda_sam.cli.pipeline",
-    "uda_sam.pseudo_label_cli": "uda_sam.cli.pseudo_label",
-    "uda_sam.sam_io": "uda_sam.nn.sam_io",
-}
-
-#: Rank of each layer: a module may import modules of its own rank or lower.
-RANKS = {
-    "files": 0,
-    "checks": 0,
-    "nn": 1,
-    "data": 2,
-    "evaluation": 2,
-    "pseudo_labels": 2,
-    "media": 3,
-    "tasks": 3,
-    "callbacks": 3,
-    "cli": 4,
-}
-
-#: Pairs of one rank that still must not import each other: (importer layer, imported layer).
-FORBIDDEN = {
-    ("callbacks", "tasks"),
+#: The layers, lowest floor first.
+FLOORS: list[tuple[str, ...]] = [
+    ("files", "checks"),
+    ("data", "nn"),
+    ("evaluation", "pseudo_labels"),
+    ("media",),
     ("tasks", "callbacks"),
-    ("data", "evaluation"),
-    ("data", "pseudo_labels"),
-}
+    ("cli",),
+]
+FLOOR = {layer: number for number, layer_names in enumerate(FLOORS) for layer in layer_names}
+
+#: The chain as the package docstring and the README write it (the helpers' floor is named apart).
+CHAIN = " -> ".join(", ".join(names) for names in reversed(FLOORS[1:]))
 
 
 def _module_names() -> dict[str, Path]:
@@ -99,26 +88,61 @@ def import_graph() -> dict[str, set[str]]:
 
 def _layer(module: str) -> str | None:
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in RANKS else None
+    return parts[1] if len(parts) > 1 and parts[1] in FLOOR else None
 
 
-def test_no_module_imports_a_higher_layer() -> None:
-    upward = []
+def _layer_graph() -> dict[str, set[str]]:
+    """``{layer: layers it imports}``, the package root counted as ``"uda_sam"``."""
+    layers: dict[str, set[str]] = {layer: set() for layer in FLOOR}
     for module, imported in import_graph().items():
         layer = _layer(module)
-        if layer is None or module in OLD_PATHS:
-            continue  # the package root, __main__ and the deprecated aliases sit above every layer
-        for other in imported:
-            other_layer = _layer(other)
-            assert other_layer is not None or other in OLD_PATHS or other == "uda_sam", other
-            if other in OLD_PATHS:
-                upward.append(f"{module} imports the deprecated {other}")
-            elif other == "uda_sam":
+        if layer is not None:
+            layers[layer] |= {_layer(other) or other for other in imported} - {layer}
+    return layers
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    outside = [m for m in import_graph() if _layer(m) is None and m not in ("uda_sam", "uda_sam.__main__")]
+    assert not outside, f"modules outside every layer: {outside}"
+
+
+def test_no_module_imports_a_higher_layer_or_one_beside_it() -> None:
+    wrong = []
+    for layer, imported in _layer_graph().items():
+        for other in sorted(imported):
+            if other == "uda_sam":
                 if layer != "cli":  # the version string, read by the command
-                    upward.append(f"{module} imports the package root")
-            elif RANKS[other_layer] > RANKS[layer] or (layer, other_layer) in FORBIDDEN:
-                upward.append(f"{module} ({layer}) imports {other} ({other_layer})")
-    assert not upward, upward
+                    wrong.append(f"{layer} imports the package root")
+            elif FLOOR[other] >= FLOOR[layer]:
+                where = "above" if FLOOR[other] > FLOOR[layer] else "beside"
+                culprits = sorted(
+                    f"{m} imports {o}"
+                    for m, ims in import_graph().items()
+                    if _layer(m) == layer
+                    for o in ims
+                    if _layer(o) == other
+                )
+                wrong.append(f"{layer} imports {other}, a layer {where} it: {culprits}")
+    assert not wrong, wrong
+
+
+def test_every_floor_stands_on_the_one_below() -> None:
+    """The chain is no looser than the graph: above the ground floors, each layer imports the floor under it."""
+    layers = _layer_graph()
+    loose = [
+        f"{layer} imports nothing of {FLOORS[FLOOR[layer] - 1]}"
+        for layer in FLOOR
+        if FLOOR[layer] >= 2 and not layers[layer] & set(FLOORS[FLOOR[layer] - 1])
+    ]
+    assert not loose, loose
+
+
+def test_the_docstring_and_the_readme_state_the_chain() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for name, text in (("uda_sam.__doc__", uda_sam.__doc__ or ""), ("README.md", readme)):
+        flat = re.sub(r"\s+", " ", text)
+        assert f"`{CHAIN}`" in flat, f"{name} does not state the chain {CHAIN}"
+        assert all(f"uda_sam.{helper}" in flat or f"{helper}.py" in flat for helper in FLOORS[0]), name
 
 
 def test_no_import_circle() -> None:
@@ -141,60 +165,33 @@ def test_no_import_circle() -> None:
     assert not circles, circles
 
 
-def test_the_checker_sees_an_upward_import_and_a_circle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two rules above would fail on a tree that breaks them (today's former ``cli`` <-> ``pipeline``)."""
+def test_the_checker_sees_an_upward_import_a_sideways_one_and_a_circle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rules above fail on a tree that breaks them."""
     real = import_graph()
     broken = {**real, "uda_sam.nn.sam": real["uda_sam.nn.sam"] | {"uda_sam.tasks.base"}}
+    broken["uda_sam.data.gta5"] = real["uda_sam.data.gta5"] | {"uda_sam.nn.sam"}
     broken["uda_sam.cli.lightning"] = real["uda_sam.cli.lightning"] | {"uda_sam.cli.pipeline"}
     monkeypatch.setattr(sys.modules[__name__], "import_graph", lambda: broken)
-    with pytest.raises(AssertionError, match=r"uda_sam.nn.sam \(nn\) imports uda_sam.tasks.base"):
-        test_no_module_imports_a_higher_layer()
+    with pytest.raises(
+        AssertionError, match=r"nn imports tasks, a layer above it: \['uda_sam.nn.sam imports"
+    ):
+        test_no_module_imports_a_higher_layer_or_one_beside_it()
+    with pytest.raises(AssertionError, match=r"data imports nn, a layer beside it"):
+        test_no_module_imports_a_higher_layer_or_one_beside_it()
     with pytest.raises(AssertionError, match="uda_sam.cli.pipeline"):
         test_no_import_circle()
 
 
 def test_nothing_loose_at_the_root() -> None:
-    loose = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    allowed = {
-        "__init__",
-        "__main__",
-        "files",
-        "checks",
-        "media",
-        "evaluate",
-        *(m.split(".")[1] for m in OLD_PATHS),
-    }
-    assert set(loose) <= allowed, sorted(set(loose) - allowed)
+    loose = {p.stem for p in PACKAGE.glob("*.py")}
+    assert loose == {"__init__", "__main__", "files", "checks", "media"}, sorted(loose)
 
 
-@pytest.mark.parametrize("old", sorted(OLD_PATHS))
-def test_old_path_is_the_new_module(old: str) -> None:
-    assert importlib.import_module(old) is importlib.import_module(OLD_PATHS[old])
-
-
-def test_old_paths_of_the_pseudo_label_rule_and_the_scoring_import() -> None:
-    from uda_sam.cli.evaluate import main, run_evaluate
-    from uda_sam.evaluate import evaluate_folder as old_evaluate_folder
-    from uda_sam.evaluate import main as old_main
-    from uda_sam.evaluate import run_evaluate as old_run_evaluate
-    from uda_sam.evaluation.scoring import evaluate_folder
-    from uda_sam.pseudo_labels import ClasswiseThresholdEstimator, make_pseudo_labels, save_label_png
-    from uda_sam.pseudo_labels.thresholds import ClasswiseThresholdEstimator as Estimator
-    from uda_sam.pseudo_labels.thresholds import make_pseudo_labels as make
-    from uda_sam.pseudo_labels.thresholds import save_label_png as save
-
-    assert (old_evaluate_folder, old_main, old_run_evaluate) == (evaluate_folder, main, run_evaluate)
-    assert (ClasswiseThresholdEstimator, make_pseudo_labels, save_label_png) == (Estimator, make, save)
-
-
-def test_entry_point_and_the_cli_class_keep_their_paths() -> None:
-    from uda_sam.cli import UDASamCLI, main
-    from uda_sam.cli.entry_point import main as entry_point
-    from uda_sam.cli.lightning import UDASamCLI as cli_class
-
-    assert (UDASamCLI, main) == (cli_class, entry_point)
+def test_the_entry_point_is_the_one_in_pyproject() -> None:
     pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
-    assert 'uda-sam = "uda_sam.cli:main"' in pyproject
+    assert 'uda-sam = "uda_sam.cli.entry_point:main"' in pyproject
 
 
 def test_plain_layers_load_without_lightning() -> None:
@@ -202,9 +199,8 @@ def test_plain_layers_load_without_lightning() -> None:
         "import sys\n"
         "import uda_sam.nn, uda_sam.nn.sam_io, uda_sam.pseudo_labels, uda_sam.pseudo_labels.generation\n"
         "import uda_sam.evaluation, uda_sam.evaluation.analysis, uda_sam.evaluation.scoring\n"
-        "import uda_sam.data.gta5, uda_sam.data.cityscapes, uda_sam.data.synthia, uda_sam.data.image_folder\n"
-        "import uda_sam.data.toy, uda_sam.files, uda_sam.checks\n"
-        "import uda_sam.generation, uda_sam.sam_io, uda_sam.metrics, uda_sam.analysis\n"
+        "import uda_sam.data, uda_sam.data.gta5, uda_sam.data.cityscapes, uda_sam.data.synthia\n"
+        "import uda_sam.data.image_folder, uda_sam.data.toy, uda_sam.files, uda_sam.checks, uda_sam.cli\n"
         "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
         "assert not leaked, leaked\n"
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from uda_sam.cli import main
+from uda_sam.cli.entry_point import main
 from uda_sam.cli.pipeline import PipelineConfigError, _claim_output_dir, load_pipeline_config
 from uda_sam.nn.sam_io import network_state_dict
 from uda_sam.pseudo_labels.generation import state_dict_sha256
@@ -245,3 +245,4 @@ def test_shipped_pipelines_load(monkeypatch: pytest.MonkeyPatch) -> None:
     for path in sorted((REPO / "configs").glob("*/pipeline.yaml")):
         config = load_pipeline_config(path)
         assert config.settings and config.generations >= 1
+

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from uda_sam.data import UDADataModule
+from uda_sam.data.datamodule import UDADataModule
 from uda_sam.data.image_folder import ImageFolder
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 import uda_sam.callbacks.pseudo_labels as callback_module
 import uda_sam.pseudo_labels.generation as generation_module
 from uda_sam.callbacks import LastStepCheckpoint, PseudoLabelRegeneration
+from uda_sam.nn.sam_io import load_network_weights
 from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 from uda_sam.pseudo_labels.thresholds import ClasswiseThresholdEstimator, make_pseudo_labels
 from uda_sam.tasks import SelfTraining
@@ -188,13 +189,13 @@ def test_bad_input(tmp_path: Path, tiny_network: Callable, toy_datamodule: Calla
     with pytest.raises(ValueError, match=r"num_bins must lie in 1\.\.32768"):
         generate_pseudo_labels(tiny_network(), dataset, tmp_path / "i", num_bins=40_000, progress=False)
     with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
-        callback_module.load_network_weights(tiny_network(), tmp_path / "missing.ckpt", "teacher_checkpoint")
+        load_network_weights(tiny_network(), tmp_path / "missing.ckpt", "teacher_checkpoint")
     torch.save({"state_dict": {"sam.transform.weight": torch.zeros(1)}}, tmp_path / "sam.ckpt")
     with pytest.raises(ValueError, match="no network weights"):
-        callback_module.load_network_weights(tiny_network(), tmp_path / "sam.ckpt", "teacher_checkpoint")
+        load_network_weights(tiny_network(), tmp_path / "sam.ckpt", "teacher_checkpoint")
     teacher_checkpoint(tmp_path / "seven.ckpt", tiny_network(num_classes=7))
     with pytest.raises(ValueError, match="number of classes"):
-        callback_module.load_network_weights(tiny_network(), tmp_path / "seven.ckpt", "teacher_checkpoint")
+        load_network_weights(tiny_network(), tmp_path / "seven.ckpt", "teacher_checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------ the callback
@@ -473,7 +474,7 @@ def test_two_process_ddp_equals_one_process(
 def test_offline_pseudo_label_command(
     tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from uda_sam.cli import main
+    from uda_sam.cli.entry_point import main
     from uda_sam.nn import DilatedFCN
 
     config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "pseudo_only.yaml"

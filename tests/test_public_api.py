@@ -63,9 +63,22 @@ def test_plain_pytorch_api_does_not_import_lightning() -> None:
         "from uda_sam import (SelfAttentionModule, self_attention_loss, segmentation_loss, load_sam, save_sam,\n"
         "    DeepLabV2, FCN8s, ClasswiseThresholdEstimator, make_pseudo_labels, load_network_weights,\n"
         "    GTA5, Cityscapes, SegmentationMetrics, CLASS_NAMES)\n"
-        "import uda_sam.pseudo_labels.generation, uda_sam.evaluation.scoring, uda_sam.cli.evaluate\n"
-        "import uda_sam.generation, uda_sam.evaluate\n"
+        "import uda_sam.pseudo_labels.generation, uda_sam.evaluation.scoring, uda_sam.cli.evaluate, uda_sam.data\n"
         "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
         "assert not leaked, leaked\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(uda_sam.__file__).parents[1])
+
+
+def test_only_the_package_root_resolves_names_on_first_use() -> None:
+    """One lazy-import mechanism: the root's ``__getattr__``; every sub-package imports what it exports."""
+    root = Path(uda_sam.__file__).parent
+    lazy = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if any(
+            isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+            for node in ast.parse(path.read_text()).body
+        )
+    )
+    assert lazy == ["__init__.py"]

@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 import uda_sam.cli.run_lock as run_lock_module
-from uda_sam.cli import main
+from uda_sam.cli.entry_point import main
 from uda_sam.cli.run_lock import FolderInUseError, lock_file, run_lock
 
 try:

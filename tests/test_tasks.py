@@ -19,13 +19,8 @@ from PIL import Image
 from uda_sam.callbacks import PredictionWriter
 from uda_sam.data.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
 from uda_sam.nn import SelfAttentionModule, segmentation_loss
-from uda_sam.tasks import (
-    SAMPretraining,
-    SegmentationTask,
-    SelfTraining,
-    network_state_dict,
-    save_sam,
-)
+from uda_sam.nn.sam_io import network_state_dict, save_sam
+from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import lr_factor
 
 

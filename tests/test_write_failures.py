@@ -20,7 +20,7 @@ from lightning.pytorch import Trainer
 import uda_sam.pseudo_labels.generation as generation_module
 from uda_sam.callbacks import LastStepCheckpoint
 from uda_sam.callbacks.checkpoint import AtomicCheckpointIO
-from uda_sam.cli import main
+from uda_sam.cli.entry_point import main
 from uda_sam.files import WriteError, remove_stale_temporaries, write_atomically
 from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 from uda_sam.tasks import SelfTraining

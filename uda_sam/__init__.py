@@ -15,10 +15,11 @@ callbacks do. The sub-packages hold the rest:
 - :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.callbacks`: the Lightning callbacks.
 - :mod:`uda_sam.cli`: the ``uda-sam`` command, one module per command.
 
-Layers (an arrow: "may import"): ``cli -> tasks, callbacks -> data, evaluation, pseudo_labels -> nn``; under them
-all, two helpers that import nothing of the package (:mod:`uda_sam.files`, :mod:`uda_sam.checks`); beside the tasks
-and the callbacks, the W&B media they share (:mod:`uda_sam.media`). The modules ``analysis``, ``evaluate``, ``generation``, ``metrics``, ``pipeline``,
-``pseudo_label_cli`` and ``sam_io`` at the top level are deprecated aliases of their new places.
+Layers, highest first (an arrow: "imports only what is below it"):
+``cli -> tasks, callbacks -> media -> evaluation, pseudo_labels -> data, nn``. Layers on one floor never import each
+other: ``data`` and ``nn`` are two ground floors, ``evaluation`` and ``pseudo_labels`` import ``data`` (and
+``evaluation`` ``nn``), and :mod:`uda_sam.media` holds the W&B media the tasks and the callbacks share. Under them
+all, two helpers that import nothing of the package: :mod:`uda_sam.files` and :mod:`uda_sam.checks`.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         ImageFolder,
         SegmentationTransform,
         Synthia,
-        UDADataModule,
         make_toy_data,
     )
+    from uda_sam.data.datamodule import UDADataModule
     from uda_sam.evaluation import SegmentationMetrics
     from uda_sam.nn import (
         DeepLabV2,
@@ -95,7 +96,7 @@ _EXPORTS: dict[str, str] = {
     "Synthia": "uda_sam.data",
     "Cityscapes": "uda_sam.data",
     "ImageFolder": "uda_sam.data",
-    "UDADataModule": "uda_sam.data",
+    "UDADataModule": "uda_sam.data.datamodule",
     "SegmentationTransform": "uda_sam.data",
     "make_toy_data": "uda_sam.data",
     "CLASS_NAMES": "uda_sam.data",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from uda_sam.cli import main
+from uda_sam.cli.entry_point import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from uda_sam.nn.sam_io import load_network_weights  # re-exported: the teacher is read with it
+from uda_sam.nn.sam_io import load_network_weights
 from uda_sam.pseudo_labels.generation import (
     GenerationResult,
     ProcessGroup,
@@ -21,7 +21,7 @@ from uda_sam.pseudo_labels.generation import (
     read_finished_generation,
 )
 
-__all__ = ["PseudoLabelRegeneration", "load_network_weights"]
+__all__ = ["PseudoLabelRegeneration"]
 
 
 class PseudoLabelRegeneration(Callback):

@@ -1,12 +1,10 @@
-"""Data: label tables, dataset readers (GTA5, SYNTHIA, Cityscapes), transforms, the UDA datamodule and the toy pair.
+"""Data: label tables, dataset readers (GTA5, SYNTHIA, Cityscapes), transforms and the toy pair (plain Python and torch).
 
-Everything but :class:`UDADataModule` is plain Python and torch; the datamodule (the one part that needs Lightning)
-is imported on first use, so the label tables and readers load without Lightning.
+The UDA datamodule, the one part that needs Lightning, is :class:`uda_sam.data.datamodule.UDADataModule`; it is not
+imported here, so the label tables and readers load without Lightning.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
@@ -44,20 +42,7 @@ __all__ = [
     "ImageFolder",
     "SegmentationTransform",
     "Synthia",
-    "UDADataModule",
     "colorize",
     "denormalize",
     "make_toy_data",
 ]
-
-if TYPE_CHECKING:
-    from uda_sam.data.datamodule import UDADataModule
-
-
-def __getattr__(name: str) -> Any:
-    """Import :class:`UDADataModule` (and with it Lightning) on first use (PEP 562)."""
-    if name == "UDADataModule":
-        from uda_sam.data.datamodule import UDADataModule
-
-        return UDADataModule
-    raise AttributeError(f"module 'uda_sam.data' has no attribute {name!r}")

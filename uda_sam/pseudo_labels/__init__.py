@@ -4,9 +4,6 @@
   capped), its histogram estimator, the labelling itself and the per-class statistics of a label set.
 - :mod:`uda_sam.pseudo_labels.generation`: one generation of labels for a target set (inference, thresholds,
   PNGs written atomically, reuse of a finished set), single process or summed across processes.
-
-The names of the former module ``uda_sam.pseudo_labels`` (now :mod:`~uda_sam.pseudo_labels.thresholds`) are
-importable from here as before.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from uda_sam.nn.sam_io import load_sam, network_state_dict, save_sam
 from uda_sam.tasks.base import SegmentationTask
 from uda_sam.tasks.sam_pretraining import SAMPretraining
 from uda_sam.tasks.self_training import SelfTraining
 
-__all__ = ["SAMPretraining", "SegmentationTask", "SelfTraining", "load_sam", "network_state_dict", "save_sam"]
+__all__ = ["SAMPretraining", "SegmentationTask", "SelfTraining"]

@@ -1,9 +1,0 @@
-"""Deprecated alias of :mod:`uda_sam.evaluation.metrics` (IoU and mIoU), kept for one release: import from there.
-
-``uda_sam.metrics`` is the same module object as ``uda_sam.evaluation.metrics``, so its names (and patches of them) are shared.
-"""
-
-import sys
-from importlib import import_module
-
-sys.modules[__name__] = import_module("uda_sam.evaluation.metrics")
