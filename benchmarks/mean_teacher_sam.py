@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "examples" / "mean_teacher"))
 import train as mean_teacher_cli  # noqa: E402  (examples/mean_teacher/train.py)
 
 from uda_sam.callbacks import DivergenceMonitor  # noqa: E402
-from uda_sam.cli.pipeline import StageConfig, run_stage  # noqa: E402
+from uda_sam.cli.pipeline import run_stage  # noqa: E402
+from uda_sam.cli.pipeline_config import StageConfig  # noqa: E402
 from uda_sam.data import make_toy_data  # noqa: E402
 from uda_sam.files import write_atomically  # noqa: E402
 

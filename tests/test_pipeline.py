@@ -11,7 +11,9 @@ import torch
 import yaml
 
 from uda_sam.cli.entry_point import main
-from uda_sam.cli.pipeline import PipelineConfigError, _claim_output_dir, load_pipeline_config
+from uda_sam.cli.pipeline import _claim_output_dir
+from uda_sam.cli.pipeline_config import PipelineConfigError, load_pipeline_config
+from uda_sam.cli.pipeline_report import StageResult
 from uda_sam.nn.sam_io import network_state_dict
 from uda_sam.pseudo_labels.generation import state_dict_sha256
 
@@ -133,7 +135,7 @@ def test_later_stages_start_from_the_seed_no_pseudo_network(
 
     def fake_stage(name: str, stage_dir: Path, stage: object, extra_args: list[str], seed: int, **_: object):
         calls[name] = list(extra_args)
-        return pipeline.StageResult(name=name, metrics={}, checkpoint=str(stage_dir / "last.ckpt"))
+        return StageResult(name=name, metrics={}, checkpoint=str(stage_dir / "last.ckpt"))
 
     monkeypatch.setattr(pipeline, "run_stage", fake_stage)
     config = load_pipeline_config(pipeline_file(tmp_path, toy_root))
@@ -246,3 +248,35 @@ def test_shipped_pipelines_load(monkeypatch: pytest.MonkeyPatch) -> None:
         config = load_pipeline_config(path)
         assert config.settings and config.generations >= 1
 
+
+def test_results_tables_from_two_seeds() -> None:
+    """The report alone: mean ± spread over seeds per setting and generation, the split named, gaps left blank."""
+    from uda_sam.cli.pipeline_report import format_results
+
+    def stage(name: str, miou: float, **more: float) -> StageResult:
+        return StageResult(name=name, metrics={"val/mIoU": miou, **more}, checkpoint=f"{name}.ckpt")
+
+    per_seed = {
+        seed: {
+            "No Pseudo": {0: stage("No Pseudo", 0.30 + 0.02 * seed)},
+            "Pseudo-Only": {
+                1: stage("gen 1", 0.40 + 0.02 * seed),
+                2: stage("gen 2", 0.50, **{"train/peak_loss_growth": 1.5 + seed}),
+            },
+        }
+        for seed in (0, 1)
+    }
+    table = format_results(per_seed)
+    assert table.startswith(
+        "Target mIoU (%) on the validation split, 2 seed(s) [0, 1] (mean ± standard deviation)"
+    )
+    first_table = table.split("\n\n")[1]  # after the title line
+    rows = {
+        cells[0]: cells[1:]
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in first_table.splitlines())
+    }
+    assert rows["setting"][:3] == ["mIoU (single stage)", "gen 1", "gen 2"]
+    assert rows["No Pseudo"][:3] == ["31.0 ± 1.4", "", ""]
+    assert rows["Pseudo-Only"][:3] == ["", "41.0 ± 1.4", "50.0 ± 0.0"]
+    assert "| Pseudo-Only gen 2 | 2.50 | n/a |" in table  # the highest seed's peak loss growth
+    assert "attention" not in table  # no SAM pretraining stage, no attention table

@@ -13,24 +13,8 @@ Every stage lives in ``{output_dir}/seed_{seed}/{stage}/`` with ``checkpoints/``
 so a killed pipeline picks up where it stopped. The pipeline ends by printing and writing ``results.md`` (target
 mIoU per setting and generation, shaped like the paper's Tables 1 and 2) and ``results.json``.
 
-Pipeline file (YAML)::
-
-    output_dir: runs/toy            # everything goes here; owned by this pipeline file's content
-    seeds: [0]                      # each seed is a full run; the table shows mean and spread
-    toy_data: {root: data/toy}      # optional: generate the embedded toy pair first (make_toy_data arguments)
-    common_args: []                 # CLI arguments added to every stage (e.g. --trainer.max_steps=100)
-    generations: 2
-    no_pseudo: {config: configs/toy/no_pseudo.yaml}
-    sam_pretraining: {config: configs/toy/sam_pretrain.yaml}
-    settings:
-      - {name: Pseudo-Only, config: configs/toy/pseudo_only.yaml}
-      - {name: "Ours (8)&(10)", config: configs/toy/ours.yaml, uses_sam: true}
-    oracle: {config: configs/toy/oracle.yaml}   # optional
-    init_from_no_pseudo: false      # true: every later stage's network starts from this seed's No Pseudo network
-
-``init_from_no_pseudo`` gives every stage after No Pseudo (the SAM's, each generation's student, the Oracle) the
-weights of the same seed's No Pseudo network (``--model.init_args.network.init_args.weights``): the toy pair's
-stand-in for the ImageNet weights the paper starts every stage from.
+This module runs the stages; the pipeline file and its checks are :mod:`uda_sam.cli.pipeline_config`, the results
+and their tables :mod:`uda_sam.cli.pipeline_report`.
 """
 
 from __future__ import annotations
@@ -40,205 +24,33 @@ import gc
 import hashlib
 import json
 import math
-import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
 from lightning.pytorch.callbacks import Callback
 
+from uda_sam.cli.pipeline_config import (
+    PipelineConfig,
+    PipelineConfigError,
+    StageConfig,
+    config_value,
+    load_pipeline_config,
+)
+from uda_sam.cli.pipeline_report import StageResult, format_results
 from uda_sam.cli.run_lock import run_lock
 from uda_sam.files import write_atomically
 
-__all__ = ["PipelineConfig", "StageConfig", "load_pipeline_config", "run_pipeline", "main"]
+__all__ = ["main", "run_pipeline", "run_seed", "run_stage"]
 
 RESULT_FILE = "result.json"
 OWNER_FILE = "pipeline.json"
 
 
-class PipelineConfigError(ValueError):
-    """A pipeline file that cannot run as written."""
-
-
-@dataclass
-class StageConfig:
-    """One training stage: LightningCLI config files and extra arguments."""
-
-    config: list[str]
-    args: list[str] = field(default_factory=list)
-    name: str = ""
-    uses_sam: bool = False
-    generations: int | None = None
-
-
-@dataclass
-class PipelineConfig:
-    """A parsed pipeline file (see the module docstring)."""
-
-    output_dir: str
-    no_pseudo: StageConfig
-    settings: list[StageConfig]
-    sam_pretraining: StageConfig | None = None
-    oracle: StageConfig | None = None
-    generations: int = 1
-    seeds: list[int] = field(default_factory=lambda: [0])
-    toy_data: dict[str, Any] | None = None
-    common_args: list[str] = field(default_factory=list)
-    init_from_no_pseudo: bool = False
-    source_file: str = ""
-
-
-_TOP_KEYS = {
-    "output_dir",
-    "no_pseudo",
-    "sam_pretraining",
-    "settings",
-    "oracle",
-    "generations",
-    "seeds",
-    "toy_data",
-    "common_args",
-    "init_from_no_pseudo",
-}
-_STAGE_KEYS = {"config", "args", "name", "uses_sam", "generations"}
-
-
-def _stage(raw: Any, where: str, path: Path) -> StageConfig:
-    if not isinstance(raw, dict) or "config" not in raw:
-        raise PipelineConfigError(
-            f"{path}: `{where}` must be a mapping with a `config` entry (a YAML path or a list of them)"
-        )
-    unknown = set(raw) - _STAGE_KEYS
-    if unknown:
-        raise PipelineConfigError(
-            f"{path}: `{where}` has unknown keys {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}"
-        )
-    configs = raw["config"] if isinstance(raw["config"], list) else [raw["config"]]
-    base = path.parent
-    resolved = []
-    for config in configs:
-        candidate = Path(config)
-        # Paths are relative to the working directory, or else to the pipeline file.
-        if not candidate.is_absolute() and not candidate.exists() and (base / candidate).exists():
-            candidate = base / candidate
-        if not candidate.is_file():
-            raise PipelineConfigError(f"{path}: `{where}.config` names {config}, which does not exist")
-        resolved.append(str(candidate))
-    args = raw.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise PipelineConfigError(
-            f"{path}: `{where}.args` must be a list of CLI argument strings like '--trainer.max_steps=10'"
-        )
-    return StageConfig(
-        config=resolved,
-        args=list(args),
-        name=str(raw.get("name", where)),
-        uses_sam=bool(raw.get("uses_sam", False)),
-        generations=raw.get("generations"),
-    )
-
-
-def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
-    """Read and check a pipeline file.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        PipelineConfigError: If keys are unknown or missing, stages disagree (class counts), or a setting that uses the
-            SAM has no ``sam_pretraining`` stage.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pipeline config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise PipelineConfigError(f"{path}: expected a mapping at the top level")
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise PipelineConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-    for key in ("output_dir", "no_pseudo", "settings"):
-        if key not in raw:
-            raise PipelineConfigError(f"{path}: missing `{key}`")
-    if not isinstance(raw["settings"], list) or not raw["settings"]:
-        raise PipelineConfigError(f"{path}: `settings` must be a non-empty list of stages with a `name`")
-    settings = [_stage(s, f"settings[{i}]", path) for i, s in enumerate(raw["settings"])]
-    names = [s.name for s in settings]
-    if len(set(names)) != len(names):
-        raise PipelineConfigError(f"{path}: setting names must be unique, got {names}")
-    config = PipelineConfig(
-        output_dir=str(raw["output_dir"]),
-        no_pseudo=_stage(raw["no_pseudo"], "no_pseudo", path),
-        settings=settings,
-        sam_pretraining=_stage(raw["sam_pretraining"], "sam_pretraining", path)
-        if raw.get("sam_pretraining")
-        else None,
-        oracle=_stage(raw["oracle"], "oracle", path) if raw.get("oracle") else None,
-        generations=int(raw.get("generations", 1)),
-        seeds=[int(s) for s in raw.get("seeds", [0])],
-        toy_data=raw.get("toy_data"),
-        common_args=list(raw.get("common_args", [])),
-        init_from_no_pseudo=_flag(raw.get("init_from_no_pseudo", False), "init_from_no_pseudo", path),
-        source_file=str(path),
-    )
-    _check_consistency(config, path)
-    return config
-
-
-def _flag(value: Any, key: str, path: Path) -> bool:
-    if not isinstance(value, bool):
-        raise PipelineConfigError(f"{path}: `{key}` must be true or false, got {value!r}")
-    return value
-
-
-def _config_value(stage: StageConfig, dotted: str, default: Any, extra_args: Sequence[str] = ()) -> Any:
-    """The value a stage's config files and arguments give a dotted key (last one wins), without instantiating."""
-    value = default
-    for config in stage.config:
-        node: Any = yaml.safe_load(Path(config).read_text()) or {}
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            value = node
-    for arg in [*stage.args, *extra_args]:
-        key, _, raw = arg.lstrip("-").partition("=")
-        if not raw or not (dotted == key or dotted.startswith(key + ".")):
-            continue
-        node = yaml.safe_load(raw)  # e.g. --trainer.logger=false replaces the whole logger
-        for part in dotted[len(key) :].strip(".").split(".") if dotted != key else []:
-            node = node.get(part) if isinstance(node, dict) else None
-        value = default if node is None else node
-    return value
-
-
-def _check_consistency(config: PipelineConfig, path: Path) -> None:
-    if config.generations < 1:
-        raise PipelineConfigError(f"{path}: `generations` must be >= 1, got {config.generations}")
-    stages = [("no_pseudo", config.no_pseudo), *((s.name, s) for s in config.settings)]
-    if config.sam_pretraining is not None:
-        stages.append(("sam_pretraining", config.sam_pretraining))
-    if config.oracle is not None:
-        stages.append(("oracle", config.oracle))
-    counts = {
-        name: _config_value(s, "model.init_args.network.init_args.num_classes", 19) for name, s in stages
-    }
-    if len(set(counts.values())) > 1:
-        raise PipelineConfigError(f"{path}: the stages disagree on the number of classes: {counts}")
-    for setting in config.settings:
-        lambda_sa = float(_config_value(setting, "model.init_args.lambda_sa", 0.0) or 0.0)
-        # "No Conv" uses a parameter-free SAM: it needs no trained SAM file.
-        trained_sam = _config_value(setting, "model.init_args.sam_use_conv", True) is not False
-        setting.uses_sam = setting.uses_sam or (lambda_sa > 0 and trained_sam)
-        if setting.uses_sam and config.sam_pretraining is None:
-            raise PipelineConfigError(
-                f"{path}: setting {setting.name!r} uses the self-attention loss (lambda_sa={lambda_sa}) but the "
-                "pipeline has no `sam_pretraining` stage to train the SAM"
-            )
-
-
+# --------------------------------------------------------------------------------------------------- the output folder
 def _owner_record(config: PipelineConfig) -> dict[str, Any]:
     """What makes an output folder this pipeline's: the stage configs' contents and arguments."""
     record = asdict(config)
@@ -302,18 +114,6 @@ def _claim_output_dir(config: PipelineConfig) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- stage runs
-@dataclass
-class StageResult:
-    """What a finished stage leaves behind."""
-
-    name: str
-    metrics: dict[str, float]
-    checkpoint: str
-    sam: str | None = None
-    pseudo_labels: str | None = None
-    seconds: float = 0.0
-
-
 def _atomic_write_json(path: Path, payload: Any) -> None:
     data = json.dumps(payload, indent=2).encode()
     write_atomically(path, lambda handle: handle.write(data))
@@ -371,12 +171,12 @@ def run_stage(
     args = [a for c in stage.config for a in ("--config", c)]
     args += [*stage.args, *extra_args, f"--seed_everything={seed}", f"--trainer.default_root_dir={stage_dir}"]
     # Everything a stage writes goes to its own folder, whatever paths its config names.
-    if str(_config_value(stage, "trainer.logger.class_path", "", extra_args)).endswith("WandbLogger"):
+    if str(config_value(stage, "trainer.logger.class_path", "", extra_args)).endswith("WandbLogger"):
         args += [
             f"--trainer.logger.init_args.save_dir={stage_dir}",
             f"--trainer.logger.init_args.name={name} (seed {seed})",
         ]
-    if str(_config_value(stage, "model.class_path", "")).endswith("SAMPretraining"):
+    if str(config_value(stage, "model.class_path", "")).endswith("SAMPretraining"):
         args.append(f"--model.init_args.sam_export_path={stage_dir / 'sam.pt'}")
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments are `args`, not this command's
     try:
@@ -553,140 +353,6 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
         banner("Oracle (target labels)")
         results["Oracle"] = {0: run_stage("Oracle", seed_dir / "oracle", config.oracle, common, seed)}
     return results
-
-
-def _mean_spread(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values) * 100
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {statistics.stdev(values) * 100:.1f}"
-
-
-def _split_of(per_seed: dict[int, dict[str, dict[int, StageResult]]]) -> str:
-    """``"test"`` when the stages were scored on a test split, else ``"val"``."""
-    results = (r for rows in per_seed.values() for gens in rows.values() for r in gens.values())
-    return "test" if any("test/mIoU" in r.metrics for r in results) else "val"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
-
-
-def format_results(per_seed: dict[int, dict[str, dict[int, StageResult]]], split: str | None = None) -> str:
-    """Markdown tables: mIoU per setting and generation (Tables 1-2 shape) on ``split`` (default: the test split
-    when the stages were scored on one), per-class IoU of the last generation, the SAM's attention quality, and how
-    far each stage's loss and logit norm grew over their first values."""
-    from uda_sam.data.labels import CLASS_NAMES
-
-    split = split or _split_of(per_seed)
-    metric = f"{split}/mIoU"
-    seeds = sorted(per_seed)
-    rows = list(next(iter(per_seed.values())).keys())
-    max_gen = max((g for row in per_seed[seeds[0]].values() for g in row), default=0)
-    generations = [0, *range(1, max_gen + 1)]
-
-    def values(row: str, generation: int, key: str) -> list[float]:
-        return [
-            per_seed[s][row][generation].metrics.get(key, float("nan"))
-            for s in seeds
-            if generation in per_seed[s].get(row, {})
-        ]
-
-    where = "the test split (scenes no setting was chosen on)" if split == "test" else "the validation split"
-    lines = [
-        f"Target mIoU (%) on {where}, {len(seeds)} seed(s) {seeds}"
-        + (" (mean ± standard deviation)" if len(seeds) > 1 else ""),
-        "",
-    ]
-    header = ["setting"] + (
-        ["mIoU"] if max_gen == 0 else ["mIoU (single stage)"] + [f"gen {g}" for g in generations[1:]]
-    )
-    body = []
-    for row in rows:
-        label = "SAM pretraining (network + SAM)" if row == "SAM pretraining" else row
-        cells = [label]
-        for generation in generations:
-            found = values(row, generation, metric)
-            cells.append(_mean_spread(found) if found else "")
-        body.append(cells)
-    lines += _table(header, body)
-
-    lines += ["", "Per-class IoU (%) of each setting's last generation, seed mean", ""]
-    body = []
-    for row in rows:
-        last = max(per_seed[seeds[0]][row])
-        cells = [row]
-        for name in [*CLASS_NAMES, None]:
-            finite = [
-                v
-                for v in values(row, last, metric if name is None else f"{split}/iou/{name}")
-                if not math.isnan(v)
-            ]
-            cells.append(f"{statistics.fmean(finite) * 100:.1f}" if finite else "n/a")
-        body.append(cells)
-    lines += _table(["setting", *CLASS_NAMES, "mIoU"], body)
-
-    if "SAM pretraining" in rows:
-        lines += [
-            "",
-            "The SAM's attention at the end of its pretraining, on labelled images nothing trained on (seed mean): "
-            "the share of a row's attention on its own class against chance, and the row entropy against uniform",
-            "",
-        ]
-        body = []
-        for domain, what in (("source", "held-out source"), ("target", "target val")):
-            figures = {
-                key: values("SAM pretraining", 0, f"sam/{domain}/{key}")
-                for key in (
-                    "images",
-                    "same_class_share",
-                    "chance_share",
-                    "lift",
-                    "entropy",
-                    "uniform_entropy",
-                )
-            }
-            if not [v for v in figures["lift"] if not math.isnan(v)]:
-                continue
-            mean = {key: statistics.fmean(v) for key, v in figures.items()}
-            body.append(
-                [
-                    what,
-                    f"{mean['images']:.0f}",
-                    f"{mean['same_class_share']:.3f}",
-                    f"{mean['chance_share']:.3f}",
-                    f"{mean['lift']:.2f}",
-                    f"{mean['entropy']:.3f}",
-                    f"{mean['uniform_entropy']:.3f}",
-                ]
-            )
-        lines += _table(
-            ["images", "count", "same-class share", "chance", "lift", "row entropy", "uniform entropy"], body
-        )
-
-    peaks = [(row, g) for row in rows for g in generations if values(row, g, "train/peak_loss_growth")]
-    if peaks:
-        lines += [
-            "",
-            "Largest loss and logit norm over training, as multiples of their first steps' values (highest seed; "
-            "DivergenceMonitor stops a run at 100x)",
-            "",
-        ]
-        body = []
-        for row, generation in peaks:
-            loss = max(values(row, generation, "train/peak_loss_growth"))
-            norm = [v for v in values(row, generation, "train/peak_logit_norm_growth") if not math.isnan(v)]
-            label = row if generation == 0 else f"{row} gen {generation}"
-            body.append([label, f"{loss:.2f}", f"{max(norm):.1f}" if norm else "n/a"])
-        lines += _table(["stage", "loss", "logit norm"], body)
-    return "\n".join(lines) + "\n"
 
 
 def run_pipeline(config: PipelineConfig) -> Path:
