@@ -9,7 +9,8 @@ Names are resolved on first use, so ``import uda_sam`` stays light: the plain-Py
 callbacks do. The sub-packages hold the rest:
 
 - :mod:`uda_sam.nn`: the SAM, its losses, the segmentation networks and their weights files (plain PyTorch).
-- :mod:`uda_sam.data`: label tables, dataset readers, the UDA datamodule and the toy domain pair.
+- :mod:`uda_sam.data`: label tables, dataset readers and the toy domain pair; :mod:`uda_sam.data.datamodule`: the
+  UDA datamodule (the one part of the data layer that imports Lightning).
 - :mod:`uda_sam.pseudo_labels`: the class-wise threshold rule and one generation of labels (plain torch).
 - :mod:`uda_sam.evaluation`: mIoU, official-format scoring and the paper's analyses (plain torch/numpy).
 - :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.callbacks`: the Lightning callbacks.
