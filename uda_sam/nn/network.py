@@ -142,7 +142,10 @@ class SegmentationNetwork(nn.Module, ABC):
                 weights, or the weights do not fit this network (the message names the file and what it expects).
         """
         prefix = f"{option}: " if option else ""
-        expected = "a Lightning checkpoint of a uda-sam task (.ckpt, its 'network.*' entries) or " + self.weights_files
+        expected = (
+            "a Lightning checkpoint of a uda-sam task (.ckpt, its 'network.*' entries) or "
+            + self.weights_files
+        )
         file = Path(path).expanduser()
         if not file.is_file():
             state = "is a directory" if file.is_dir() else "does not exist"
