@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,8 @@ from torch import Tensor, nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+
+from uda_sam.nn import SegmentationNetwork  # noqa: E402  (after the source tree is on the path)
 
 # Tests never talk to the W&B servers and stay quiet; the machine's cores are shared.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -27,12 +29,14 @@ TOY_SIZE = (64, 32)
 TOY_SOURCE_SIZE = (72, 40)
 
 
-class TinySegNet(nn.Module):
-    """A few-thousand-parameter stand-in for DeepLabV2 with the same interface (output stride 8).
+class TinySegNet(SegmentationNetwork):
+    """A few-thousand-parameter stand-in for DeepLabV2 under the same contract (output stride 8).
 
     ``forward(x)`` gives logits at ``ceil(H/8) x ceil(W/8)``; ``classifier`` maps the ``feature_channels``-channel
-    features to the logits; ``param_groups`` separates backbone and classifier like the real networks.
+    features to the logits and is the ``"classifier"`` group of ``param_groups``.
     """
+
+    output_stride = 8
 
     def __init__(self, num_classes: int = 19, feature_channels: int = 8) -> None:
         super().__init__()
@@ -56,15 +60,8 @@ class TinySegNet(nn.Module):
     def upsample_logits(self, logits: Tensor, size: tuple[int, int]) -> Tensor:
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
-    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict]:
-        return [
-            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": lr},
-            {
-                "name": "classifier",
-                "params": list(self.classifier.parameters()),
-                "lr": lr * classifier_lr_mult,
-            },
-        ]
+    def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        return self.classifier.parameters()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,7 +33,7 @@ from uda_sam.evaluation.analysis import (
     similarity_map,
     similarity_matrices,
 )
-from uda_sam.nn import DeepLabV2, SelfAttentionModule, segmentation_loss
+from uda_sam.nn import DeepLabV2, SegmentationNetwork, SelfAttentionModule, segmentation_loss
 
 
 @pytest.fixture(autouse=True)
@@ -336,13 +337,16 @@ def test_attention_visualization_runs_network_and_sam_once_per_image() -> None:
     assert expected["road"]["pixel"] == attention_maps_from_logits(logits, ["road"], refined)["road"]["pixel"]
 
 
-class _CountingNet(torch.nn.Module):
-    """Wraps a network and counts its forward calls."""
+class _CountingNet(SegmentationNetwork):
+    """Wraps a network (of output stride 8) and counts its forward calls."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    output_stride = 8
+
+    def __init__(self, network: SegmentationNetwork) -> None:
         super().__init__()
         self.inner = network
         self.num_classes = network.num_classes
+        self.feature_channels = network.feature_channels
         self.calls = 0
 
     def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
@@ -352,8 +356,8 @@ class _CountingNet(torch.nn.Module):
     def upsample_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.inner.upsample_logits(logits, size)
 
-    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list:
-        return self.inner.param_groups(lr, classifier_lr_mult)
+    def classifier_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.inner.classifier_parameters()
 
 
 def test_entropy_analysis_reads_the_validation_logits(tmp_path: Path, tiny_network, toy_datamodule) -> None:

@@ -419,6 +419,29 @@ def test_bad_options(tiny_network, kwargs: dict[str, Any], match: str) -> None:
         SelfTraining(tiny_network(), **kwargs)
 
 
+class _DuckTypedNetwork(torch.nn.Module):
+    """Has the attributes a network needs, but is no SegmentationNetwork."""
+
+    num_classes = 19
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def upsample_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(logits, size=size)
+
+    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict[str, Any]]:
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+
+@pytest.mark.parametrize("network", [_DuckTypedNetwork(), torch.nn.Conv2d(3, 19, 1)])
+def test_a_network_outside_the_contract_is_refused(network: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"network must be a uda_sam\.nn\.SegmentationNetwork .*; got .*"):
+        SegmentationTask(network)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="SegmentationNetwork"):
+        SelfTraining(network, lambda_sa=0.0)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------ evaluation and media
 def test_validation_logs_miou_subsets(tmp_path: Path, tiny_network, toy_datamodule) -> None:
     task = SelfTraining(tiny_network(), lambda_sa=0.0, val_class_subsets=["16", "13"])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
-from uda_sam.nn import DeepLabV2, load_deeplab_checkpoint, read_state_dict_file
+from uda_sam.nn import DeepLabV2, read_state_dict_file
 from uda_sam.nn.caffe_resnet import CAFFE_DEPTHS
 from uda_sam.nn.sam_io import load_network_weights, load_sam
 
@@ -201,7 +201,7 @@ def test_caffe_network_keeps_the_network_interface(network: DeepLabV2, image: Te
 
 def test_single_level_file(network: DeepLabV2, bdl: tuple[RefDeepLab, Path], image: Tensor) -> None:
     reference, path = bdl
-    load_deeplab_checkpoint(network, path)
+    network.load_weights(path)
     assert_same(outputs(network, image), outputs(reference, image))
 
 
@@ -216,9 +216,7 @@ def test_multi_level_file(tmp_path: Path, image: Tensor, prefix: str, used: int)
     path = tmp_path / "multi.pth"
     torch.save({prefix + k: v for k, v in reference.state_dict().items()}, path)
     network = caffe(aspp_branches=used)
-    load_deeplab_checkpoint(
-        network, path
-    )  # main head layer6 chosen by its 2048 input channels, layer5 ignored
+    network.load_weights(path)  # main head layer6 chosen by its 2048 input channels, layer5 ignored
     assert_same(outputs(network, image), outputs(reference, image))
 
 
@@ -263,7 +261,7 @@ def test_weights_option_own_files_and_teacher(bdl: tuple[RefDeepLab, Path], tmp_
     network = caffe()
     for file in (exported, ckpt):
         nn.init.zeros_(network.classifier.conv2d_list[0].weight)
-        load_deeplab_checkpoint(network, file)
+        network.load_weights(file)
         torch.testing.assert_close(network.state_dict(), expected, rtol=0, atol=0)
     # A published source-only model as generation 1's teacher (PseudoLabelRegeneration, uda-sam pseudo-label).
     for file in (path, ckpt):
@@ -286,17 +284,17 @@ def test_pytorch_style_keeps_its_files_and_refuses_the_published_ones(
     copy_ = DeepLabV2(num_classes=3, backbone="resnet18", weights=str(exported))
     torch.testing.assert_close(copy_.state_dict(), small.state_dict())
     with pytest.raises(ValueError, match=r"GTA5_deeplab\.pth.*style='caffe'"):
-        load_deeplab_checkpoint(small, bdl[1])
+        small.load_weights(bdl[1])
     with pytest.raises(ValueError, match=r"resnet18\.pth.*saved from a DeepLabV2\(style='pytorch'\)"):
-        load_deeplab_checkpoint(network, exported)
+        network.load_weights(exported)
     torchvision_file = tmp_path / "resnet18-torchvision.pth"
     torch.save(models.resnet18().state_dict(), torchvision_file)
     with pytest.raises(ValueError, match=r"resnet18-torchvision\.pth.*torchvision ResNet file"):
-        load_deeplab_checkpoint(small, torchvision_file)
+        small.load_weights(torchvision_file)
     with pytest.raises(
         ValueError, match=r"resnet18-torchvision\.pth.*not a DeepLabV2's: 2 \[fc\.bias, fc\.weight\]"
     ):
-        load_deeplab_checkpoint(network, torchvision_file)
+        network.load_weights(torchvision_file)
     with pytest.raises(ValueError, match=r"GTA5_deeplab\.pth.*need DeepLabV2\(style='caffe'\)"):
         DeepLabV2(backbone="resnet18", pretrained=str(bdl[1]))
     with pytest.raises(ValueError, match="no download"):
@@ -316,7 +314,7 @@ def test_bad_files(network: DeepLabV2, bdl: tuple[RefDeepLab, Path], tmp_path: P
         ValueError,
         match=r"GTA5_deeplab\.pth.*\(backbone\).*missing keys 405 \[layer1\.1\.bn1\.bias, .*, \.\.\.\]; expected",
     ):
-        load_deeplab_checkpoint(deeper, path)
+        deeper.load_weights(path)
 
     missing = tmp_path / "missing.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("layer2.1.conv")}, missing)
@@ -324,7 +322,7 @@ def test_bad_files(network: DeepLabV2, bdl: tuple[RefDeepLab, Path], tmp_path: P
     with pytest.raises(
         ValueError, match=r"missing\.pth.*missing keys 3 \[layer2\.1\.conv1\.weight, layer2\.1\.conv2"
     ):
-        load_deeplab_checkpoint(network, missing)
+        network.load_weights(missing)
     torch.testing.assert_close(network.state_dict(), before, rtol=0, atol=0)  # nothing half-loaded
 
     extra = tmp_path / "extra.pth"
@@ -332,7 +330,7 @@ def test_bad_files(network: DeepLabV2, bdl: tuple[RefDeepLab, Path], tmp_path: P
     with pytest.raises(
         ValueError, match=r"extra\.pth' has keys that are not a DeepLabV2's: 1 \[layer7\.weight\]"
     ):
-        load_deeplab_checkpoint(network, extra)
+        network.load_weights(extra)
 
     with pytest.raises(ValueError, match=r"GTA5_deeplab\.pth.*predicts 19 classes.*num_classes=7"):
         caffe(num_classes=7, weights=str(path))
@@ -342,14 +340,14 @@ def test_bad_files(network: DeepLabV2, bdl: tuple[RefDeepLab, Path], tmp_path: P
     with pytest.raises(
         ValueError, match=r"headless\.pth' has no classifier head on the backbone's 2048 output"
     ):
-        load_deeplab_checkpoint(network, headless)
+        network.load_weights(headless)
 
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"truncated\.pth.*truncated"):
-        load_deeplab_checkpoint(network, truncated)
+        network.load_weights(truncated)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        load_deeplab_checkpoint(network, tmp_path / "nowhere.pth")
+        network.load_weights(tmp_path / "nowhere.pth")
 
 
 class _RunsCode:
@@ -372,7 +370,7 @@ def test_code_in_a_pickle_is_refused_never_run(network: DeepLabV2, tmp_path: Pat
     else:
         torch.save(payload, evil)
     readers = [
-        lambda: load_deeplab_checkpoint(network, evil),
+        lambda: network.load_weights(evil),
         lambda: read_state_dict_file(evil),
         lambda: DeepLabV2(backbone="resnet18", pretrained=str(evil)),
         lambda: load_sam(evil),

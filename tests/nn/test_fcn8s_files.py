@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
-from uda_sam.nn import FCN8s, load_fcn8s_checkpoint, load_fcn8s_state_dict
+from uda_sam.nn import FCN8s, load_fcn8s_state_dict
 from uda_sam.nn.fcn8s import caffe_cells
 from uda_sam.nn.sam_io import load_network_weights
 
@@ -280,7 +280,7 @@ def test_bad_files_name_the_file_and_the_keys(reference: RefFCN8sAtOnce, tmp_pat
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(b"PK\x03\x04 not a whole zip")
     with pytest.raises(ValueError, match="truncated.pth.*truncated, corrupt"):
-        load_fcn8s_checkpoint(network, truncated)
+        network.load_weights(truncated)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         FCN8s(num_classes=CLASSES, style="caffe", weights=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match=r"reaches it as the string 'None'.*pretrained: null"):

@@ -43,9 +43,9 @@ class PseudoLabelRegeneration(Callback):
     starts the next one, starts it when the resumed fit begins, as the uninterrupted fit did.
 
     Args:
-        teacher_checkpoint: Lightning checkpoint whose network makes generation 1's labels (for a DeepLabV2 also
-            any file :func:`~uda_sam.nn.load_deeplab_checkpoint` reads, e.g. a published source-only model);
-            ``None`` uses the network being trained as it is at the start of the fit.
+        teacher_checkpoint: Lightning checkpoint whose network makes generation 1's labels (or another file that
+            the network's :meth:`~uda_sam.nn.SegmentationNetwork.load_weights` reads, e.g. a published source-only
+            model); ``None`` uses the network being trained as it is at the start of the fit.
         output_dir: Folder that receives one sub-folder per generation.
         num_generations: Number of generations in this fit.
         steps_per_generation: Optimiser steps per generation; default ``trainer.max_steps // num_generations``.

@@ -80,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="Lightning checkpoint whose network makes the labels; for a DeepLabV2 also a published model or "
-        "exported weights (uda_sam.nn.load_deeplab_checkpoint)",
+        help="Lightning checkpoint whose network makes the labels, or another weights file the network reads "
+        "(a published DeepLabV2 or FCN-8s model, exported weights)",
     )
     parser.add_argument("--output", required=True, help="the generation's folder (created atomically)")
     parser.add_argument(

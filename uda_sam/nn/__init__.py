@@ -1,6 +1,9 @@
 """Plain-PyTorch building blocks: the self-attention module (SAM), its losses, the segmentation networks and their
 weights files (:mod:`uda_sam.nn.sam_io`: exported SAM files, network weights from checkpoints).
 
+Every segmentation network implements :class:`SegmentationNetwork` (:mod:`uda_sam.nn.network`), the contract the
+tasks rely on; each reads its own weights files (:mod:`uda_sam.nn.deeplabv2_files`, :mod:`uda_sam.nn.fcn8s_files`).
+
 Nothing here imports Lightning or the data code, so ``from uda_sam.nn import SelfAttentionModule,
 self_attention_loss`` works inside any PyTorch project.
 """
@@ -9,12 +12,13 @@ from __future__ import annotations
 
 from .backbones import DilatedResNet, build_vgg16_features, load_weights_only, read_state_dict_file
 from .caffe_resnet import CaffeResNet
-from .checkpoints import load_deeplab_checkpoint, load_deeplab_state_dict
 from .deeplabv2 import AtrousClassifier, CaffeAtrousClassifier, DeepLabV2
+from .deeplabv2_files import load_deeplab_state_dict
 from .dilated_fcn import DilatedFCN
 from .fcn8s import FCN8s
-from .fcn8s_files import load_fcn8s_checkpoint, load_fcn8s_state_dict
+from .fcn8s_files import load_fcn8s_state_dict
 from .losses import logit_norm, segmentation_loss, self_attention_loss
+from .network import SegmentationNetwork
 from .sam import (
     AUTO_FULL_MAX_BYTES,
     SelfAttentionModule,
@@ -34,12 +38,11 @@ __all__ = [
     "DilatedFCN",
     "DilatedResNet",
     "FCN8s",
+    "SegmentationNetwork",
     "SelfAttentionModule",
     "attention_map",
     "build_vgg16_features",
-    "load_deeplab_checkpoint",
     "load_deeplab_state_dict",
-    "load_fcn8s_checkpoint",
     "load_fcn8s_state_dict",
     "load_network_weights",
     "load_sam",

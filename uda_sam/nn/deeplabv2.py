@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Iterator, Mapping
+from typing import ClassVar, get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import DilatedResNet, ResNetName
 from .caffe_resnet import CaffeResNet
-from .checkpoints import load_deeplab_checkpoint, load_deeplab_init
+from .deeplabv2_files import load_deeplab_init, load_deeplab_state_dict
+from .network import SegmentationNetwork, Style, check_images, check_size
 
-__all__ = ["ASPP_DILATIONS", "AtrousClassifier", "CaffeAtrousClassifier", "DeepLabV2", "Style"]
-
-#: Where a downsampling bottleneck carries its stride (mmcv/mmseg's names): on the 3x3 (torchvision) or the 1x1.
-Style = Literal["pytorch", "caffe"]
-
-
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
-    if len(size) != 2 or not all(int(s) > 0 for s in size):
-        raise ValueError(f"size must be a (height, width) pair of positive integers; got {size!r}")
-    return int(size[0]), int(size[1])
-
-
-def _check_image(x: Tensor) -> None:
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W); got shape {tuple(x.shape)}")
+__all__ = ["ASPP_DILATIONS", "AtrousClassifier", "CaffeAtrousClassifier", "DeepLabV2"]
 
 
 #: Dilations (= paddings) of DeepLabV2's four atrous branches.
@@ -96,7 +84,7 @@ class CaffeAtrousClassifier(nn.Module):
         return _sum_branches(self.conv2d_list, features)
 
 
-class DeepLabV2(nn.Module):
+class DeepLabV2(SegmentationNetwork):
     """DeepLabV2: a dilated ResNet (output stride 8) and the atrous classifier, in two styles.
 
     - ``style="pytorch"`` (the default): torchvision's ResNet (stride on the 3x3 convolution), ``layer3`` /
@@ -129,9 +117,9 @@ class DeepLabV2(nn.Module):
         style: ``"pytorch"`` or ``"caffe"``, as above (mmcv/mmseg's names for where a bottleneck's stride sits).
         aspp_branches: How many atrous branches (dilations 6, 12, 18, 24, in this order) the classifier sums:
             4 as in DeepLabV2; 2 for AdaptSegNet's checkpoints, whose classifier returns after its second branch.
-        weights: A trained model to start from, read by :func:`~uda_sam.nn.load_deeplab_checkpoint`: a published
-            model (BDL/FDA/CRST single-level, AdaptSegNet/ADVENT multi-level; caffe style), a uda-sam Lightning
-            checkpoint or exported state dict. Every weight comes from it.
+        weights: A trained model to start from, read by :meth:`load_weights`: a published model (BDL/FDA/CRST
+            single-level, AdaptSegNet/ADVENT multi-level; caffe style), a uda-sam Lightning checkpoint or exported
+            state dict. Every weight comes from it.
 
     Raises:
         ValueError: On an unknown backbone or style, ``num_classes < 1``, ``aspp_branches`` outside 1..4, or a
@@ -139,6 +127,12 @@ class DeepLabV2(nn.Module):
         FileNotFoundError: If a weights file does not exist.
         RuntimeError: If the ImageNet weights cannot be downloaded.
     """
+
+    output_stride: ClassVar[int] = 8
+    weights_files: ClassVar[str] = (
+        "a DeepLabV2 weights file (a published model of AdaptSegNet, ADVENT, BDL, FDA or CRST, or an exported "
+        "state dict)"
+    )
 
     def __init__(
         self,
@@ -176,7 +170,7 @@ class DeepLabV2(nn.Module):
             if init is not None:
                 load_deeplab_init(self, init)
         if weights is not None:
-            load_deeplab_checkpoint(self, weights)
+            self.load_weights(weights)
         if self.freeze_bn:
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -204,30 +198,31 @@ class DeepLabV2(nn.Module):
             Logits ``(B, num_classes, h, w)`` at output stride 8 (``h``, ``w`` as in the class description), or
             ``(logits, features)`` with features ``(B, feature_channels, h, w)``.
         """
-        _check_image(x)
+        check_images(x)
         features = self.backbone(x)
         logits = self.classifier(features)
         return (logits, features) if return_features else logits
 
     def upsample_logits(self, logits: Tensor, size: tuple[int, int]) -> Tensor:
         """Bilinear upsampling (``align_corners=True``) of ``logits`` ``(B, C, h, w)`` to ``size`` = (H, W)."""
-        return F.interpolate(logits, size=_check_size(size), mode="bilinear", align_corners=True)
+        return F.interpolate(logits, size=check_size(size), mode="bilinear", align_corners=True)
 
-    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict]:
-        """Optimiser parameter groups: the backbone at ``lr``, the classifier at ``lr * classifier_lr_mult``.
+    def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        """The atrous classifier's parameters: :meth:`param_groups` trains them at ``lr * classifier_lr_mult``.
 
-        Only parameters with ``requires_grad`` are listed (frozen BatchNorm parameters are left out). Each group
-        carries a ``"name"`` key (``"backbone"`` / ``"classifier"``) for logging.
+        The backbone's trainable parameters (frozen BatchNorm ones left out) make the ``"backbone"`` group.
         """
-        return [
-            {
-                "name": "backbone",
-                "params": [p for p in self.backbone.parameters() if p.requires_grad],
-                "lr": lr,
-            },
-            {
-                "name": "classifier",
-                "params": [p for p in self.classifier.parameters() if p.requires_grad],
-                "lr": lr * classifier_lr_mult,
-            },
-        ]
+        return self.classifier.parameters()
+
+    def load_weights_state(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Load a trained DeepLabV2 of any layout :mod:`~uda_sam.nn.deeplabv2_files` reads.
+
+        Reads AdaptSegNet / ADVENT multi-level models (main head ``layer6``, the ``layer5`` auxiliary head ignored,
+        ``module.`` prefix or not), BDL / FDA / CRST single-level ones (main head ``layer5``), AdaptSegNet's
+        two-branch classifier (with ``aspp_branches=2``) and exported state dicts. The published models need
+        ``style="caffe"`` and the Caffe normalisation (``data.normalization: caffe``).
+
+        Raises:
+            ValueError: If the state does not fit (naming ``source``, the keys at fault and the layout expected).
+        """
+        load_deeplab_state_dict(self, state, source)

@@ -7,11 +7,13 @@ few minutes on two cores, where a ResNet-18 DeepLabV2 is still far from it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import read_state_dict_file
-from .deeplabv2 import _check_image, _check_size
+from .network import SegmentationNetwork, check_images, check_size
 
 __all__ = ["DilatedFCN"]
 
@@ -27,9 +29,9 @@ def _block(in_channels: int, out_channels: int, stride: int, dilation: int) -> n
     )
 
 
-class DilatedFCN(nn.Module):
-    """A small dilated FCN with the package's network interface (``forward -> P``, ``upsample_logits``,
-    ``param_groups``), so every task, callback and SAM variant runs on it.
+class DilatedFCN(SegmentationNetwork):
+    """A small dilated FCN that meets the package's network contract (:class:`~uda_sam.nn.SegmentationNetwork`), so
+    every task, callback and SAM variant runs on it.
 
     Args:
         num_classes: Output classes.
@@ -40,15 +42,15 @@ class DilatedFCN(nn.Module):
             (Trained, BatchNorm normalises a source batch and a target batch each with its own statistics, while
             its running statistics average the two: the network is then evaluated on the target with statistics
             it was never trained with.)
-        weights: A trained model to start from: a uda-sam checkpoint (``.ckpt``) or an exported state dict of a
-            network of this class, class count and width.
+        weights: A trained model to start from, read by :meth:`load_weights`: a uda-sam checkpoint (``.ckpt``) or an
+            exported state dict of a network of this class, class count and width.
 
     Raises:
         ValueError: On ``num_classes`` or ``width`` below 1, or a weights file that does not fit.
         FileNotFoundError: If the weights file does not exist.
     """
 
-    output_stride: int = 4
+    output_stride: ClassVar[int] = 4
 
     def __init__(
         self, num_classes: int = 19, width: int = 32, freeze_bn: bool = False, weights: str | None = None
@@ -69,28 +71,16 @@ class DilatedFCN(nn.Module):
         self.feature_channels: int = channels
         self.classifier = nn.Conv2d(channels, self.num_classes, 1)
         if weights is not None:
-            self._load(weights)
+            self.load_weights(weights)
         if self.freeze_bn:
             for module in self.modules():
                 if isinstance(module, nn.BatchNorm2d):
                     module.requires_grad_(False)
         self.train()
 
-    def _load(self, path: str) -> None:
-        state = read_state_dict_file(path)
-        if any(k.startswith("network.") for k in state):  # a uda-sam checkpoint: the network's entries
-            state = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
-        own = self.state_dict()
-        wrong = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if wrong or missing or unexpected:
-            raise ValueError(
-                f"weights file '{path}' does not fit DilatedFCN(num_classes={self.num_classes}, width={self.width}): "
-                f"{len(wrong)} tensors of another shape {wrong[:3]}, {len(missing)} missing {missing[:3]}, "
-                f"{len(unexpected)} unexpected {unexpected[:3]}; expected a uda-sam checkpoint or a state dict of "
-                "this network"
-            )
-        self.load_state_dict(state)
+    def extra_repr(self) -> str:
+        """The settings a weights file must share with this network."""
+        return f"num_classes={self.num_classes}, width={self.width}"
 
     def train(self, mode: bool = True) -> DilatedFCN:
         """Set train/eval mode; frozen BatchNorm layers stay in eval mode."""
@@ -104,27 +94,15 @@ class DilatedFCN(nn.Module):
     def forward(self, x: Tensor, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Pre-upsample logits ``(B, num_classes, ceil(H/4), ceil(W/4))`` of normalised images ``(B, 3, H, W)``
         (and the classifier's input, ``(B, feature_channels, h, w)``, with ``return_features``)."""
-        _check_image(x)
+        check_images(x)
         features = self.backbone(x)
         logits = self.classifier(features)
         return (logits, features) if return_features else logits
 
     def upsample_logits(self, logits: Tensor, size: tuple[int, int]) -> Tensor:
         """Bilinear upsampling (``align_corners=False``) of ``logits`` to ``size`` = (H, W)."""
-        return F.interpolate(logits, size=_check_size(size), mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=check_size(size), mode="bilinear", align_corners=False)
 
-    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict]:
-        """The trunk at ``lr``, the classifier at ``lr * classifier_lr_mult`` (trainable parameters only), named
-        for logging."""
-        return [
-            {
-                "name": "backbone",
-                "params": [p for p in self.backbone.parameters() if p.requires_grad],
-                "lr": lr,
-            },
-            {
-                "name": "classifier",
-                "params": [p for p in self.classifier.parameters() if p.requires_grad],
-                "lr": lr * classifier_lr_mult,
-            },
-        ]
+    def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        """The 1x1 classifier's parameters; the trunk's trainable ones make :meth:`param_groups`' backbone group."""
+        return self.classifier.parameters()

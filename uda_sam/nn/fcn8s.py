@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import get_args
+from collections.abc import Iterator, Mapping
+from typing import ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,8 @@ from torch import Tensor, nn
 from torchvision import models
 
 from .backbones import build_vgg16_features, resolve_pretrained
-from .deeplabv2 import Style, _check_image, _check_size
-from .fcn8s_files import CAFFE_CONV_NAMES, load_fcn8s_checkpoint, load_fcn8s_state_dict
+from .fcn8s_files import CAFFE_CONV_NAMES, HEAD_LAYERS, load_fcn8s_state_dict
+from .network import SegmentationNetwork, Style, check_images, check_size
 
 __all__ = ["FCN8s", "bilinear_kernel", "caffe_cells"]
 
@@ -81,7 +82,7 @@ def _largest_caffe_length(cells: int) -> int:
     return 8 * (cells + _FIRST_CELL) - _FINAL_OFFSET
 
 
-class FCN8s(nn.Module):
+class FCN8s(SegmentationNetwork):
     """FCN-8s: VGG16 with fully convolutional fc6/fc7 and skip fusions of pool4 and pool3 at stride 8.
 
     ``style="pytorch"`` (the default) differs from the original Caffe model so as to handle any input size without
@@ -108,8 +109,8 @@ class FCN8s(nn.Module):
             FCN-8s file of this style, whose score and upsampling layers are loaded when they predict
             ``num_classes`` classes and dropped otherwise (the 21 PASCAL classes of the FCN model zoo).
         style: ``"pytorch"`` or ``"caffe"``, as above.
-        weights: A trained FCN-8s to start from, read by :func:`~uda_sam.nn.load_fcn8s_checkpoint`: a BDL / FDA
-            model (caffe style), a uda-sam Lightning checkpoint or exported state dict. Every weight comes from it.
+        weights: A trained FCN-8s to start from, read by :meth:`load_weights`: a BDL / FDA model (caffe style), a
+            uda-sam Lightning checkpoint or exported state dict. Every weight comes from it.
 
     Raises:
         ValueError: On ``num_classes < 1``, an unknown style, or a weights file of another layout, style or class
@@ -117,6 +118,11 @@ class FCN8s(nn.Module):
         FileNotFoundError: If a weights file does not exist.
         RuntimeError: If the ImageNet weights cannot be downloaded.
     """
+
+    output_stride: ClassVar[int] = 8
+    weights_files: ClassVar[str] = (
+        "an FCN-8s weights file (a BDL / FDA model in the at-once layout, or an exported state dict)"
+    )
 
     def __init__(
         self,
@@ -163,14 +169,7 @@ class FCN8s(nn.Module):
         if state is not None:
             load_fcn8s_state_dict(self, state, f"pretrained={str(pretrained)!r}", init=True)
         if weights is not None:
-            load_fcn8s_checkpoint(self, weights)
-
-    def _trunk_layers(self) -> list[nn.Module]:
-        """VGG16's convolutions and fc6/fc7: the layers that ``param_groups`` puts at the backbone's rate."""
-        convs = (
-            [getattr(self, name) for name in CAFFE_CONV_NAMES] if self.style == "caffe" else [self.features]
-        )
-        return [*convs, self.fc6, self.fc7]
+            self.load_weights(weights)
 
     def _pools(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """pool3, pool4 and pool5 of VGG16."""
@@ -198,7 +197,7 @@ class FCN8s(nn.Module):
         Returns:
             Scores ``(B, num_classes, h, w)`` (``h``, ``w`` as in the class description), or ``(scores, features)``.
         """
-        _check_image(x)
+        check_images(x)
         pool3, pool4, pool5 = self._pools(x)
         fc7 = self.drop(F.relu(self.fc7(self.drop(F.relu(self.fc6(pool5))))))
         score = self.upscore2(self.score_fr(fc7))
@@ -224,7 +223,7 @@ class FCN8s(nn.Module):
         whole of it for the pytorch style; for the caffe style, its crop at the largest input size that gives this
         map (``8 * h - 15`` rows; the input's own size or up to 7 pixels more, 513 x 1025 for 512 x 1024).
         """
-        height, width = _check_size(size)
+        height, width = check_size(size)
         out = self.upscore8(logits)
         if self.style == "pytorch":
             full_h, full_w = out.shape[-2:]
@@ -235,30 +234,23 @@ class FCN8s(nn.Module):
             return out[..., :height, :width]
         return F.interpolate(out, size=(height, width), mode="bilinear", align_corners=True)
 
-    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict]:
-        """Parameter groups: VGG16 + fc6/fc7 at ``lr``; score and upsampling layers at ``lr * classifier_lr_mult``.
+    def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        """The score and upsampling layers: :meth:`param_groups` trains them at ``lr * classifier_lr_mult``.
 
-        The paper's FCN-8s recipe (Adam, lr 1e-5) uses one learning rate: pass ``classifier_lr_mult=1``. The caffe
-        style's fixed upsampling layers are not listed.
+        VGG16's convolutions and fc6 / fc7 make the ``"backbone"`` group. The paper's FCN-8s recipe (Adam, lr 1e-5)
+        uses one learning rate: pass ``classifier_lr_mult=1``. The caffe style's fixed upsampling layers are not
+        trainable, so no group lists them.
         """
-        backbone = [p for module in self._trunk_layers() for p in module.parameters()]
-        head = [
-            p
-            for m in (
-                self.score_fr,
-                self.score_pool4,
-                self.score_pool3,
-                self.upscore2,
-                self.upscore_pool4,
-                self.upscore8,
-            )
-            for p in m.parameters()
-        ]
-        return [
-            {"name": "backbone", "params": [p for p in backbone if p.requires_grad], "lr": lr},
-            {
-                "name": "classifier",
-                "params": [p for p in head if p.requires_grad],
-                "lr": lr * classifier_lr_mult,
-            },
-        ]
+        for name in HEAD_LAYERS:
+            yield from getattr(self, name).parameters()
+
+    def load_weights_state(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Load a trained FCN-8s of its style: a BDL / FDA model (style ``"caffe"``) or an exported state dict.
+
+        BDL's and FDA's VGG16-FCN8s models (``GTA5_VGG``, ``SYNTHIA_VGG`` ...) need ``FCN8s(style="caffe")`` and the
+        Caffe normalisation (``data.normalization: caffe``). Layouts: :mod:`~uda_sam.nn.fcn8s_files`.
+
+        Raises:
+            ValueError: If the state does not fit (naming ``source``, the keys at fault and the layout expected).
+        """
+        load_fcn8s_state_dict(self, state, source)

@@ -1,5 +1,8 @@
 """Reading FCN-8s weights files into an :class:`~uda_sam.nn.FCN8s` (every file with ``torch.load(weights_only=True)``).
 
+:meth:`FCN8s.load_weights <uda_sam.nn.FCN8s.load_weights>` (and ``FCN8s(weights=...)``) reads a trained model with
+:func:`load_fcn8s_state_dict`; ``FCN8s(pretrained=...)`` an initialisation with ``init=True``.
+
 Layouts:
 
 - the at-once layout of wkentaro's ``FCN8sAtOnce``, which BDL and FDA ship (``conv1_1.weight`` ... ``conv5_3``,
@@ -18,18 +21,17 @@ scaled skips), so a file is read only into a network of its own style.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
-from .backbones import load_matching_state_dict, read_state_dict_file, summarize_keys
+from .backbones import load_matching_state_dict, summarize_keys
 
 if TYPE_CHECKING:
     from .fcn8s import FCN8s
 
-__all__ = ["CAFFE_CONV_NAMES", "fcn8s_file_layout", "load_fcn8s_checkpoint", "load_fcn8s_state_dict"]
+__all__ = ["CAFFE_CONV_NAMES", "HEAD_LAYERS", "fcn8s_file_layout", "load_fcn8s_state_dict"]
 
 #: The at-once layout's names of VGG16's 13 convolutions, in order (``conv1_1`` ... ``conv5_3``).
 CAFFE_CONV_NAMES: tuple[str, ...] = tuple(
@@ -174,22 +176,3 @@ def load_fcn8s_state_dict(
             f"num_classes={network.num_classes}"
         )
     load_matching_state_dict(network, items, source, expected)
-
-
-def load_fcn8s_checkpoint(network: FCN8s, path: str | os.PathLike[str]) -> None:
-    """Load a trained FCN-8s into ``network``: a BDL / FDA model (style ``"caffe"``) or a uda-sam file of its style.
-
-    BDL's and FDA's VGG16-FCN8s models (``GTA5_VGG``, ``SYNTHIA_VGG`` ...) need ``FCN8s(style="caffe")`` and the
-    Caffe normalisation (``data.normalization: caffe``).
-
-    Args:
-        network: The network to fill; its style and class count must be the file's.
-        path: The weights file, read with ``torch.load(weights_only=True)``.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be read as a weights-only state dict, or does not fit ``network`` (the message
-            names the file, the keys at fault and the layout expected).
-    """
-    state = read_state_dict_file(path)
-    load_fcn8s_state_dict(network, state, f"weights file '{path}'")

@@ -27,10 +27,7 @@ import torch
 from uda_sam.files import write_atomically
 
 from .backbones import load_weights_only
-from .checkpoints import load_deeplab_state_dict
-from .deeplabv2 import DeepLabV2
-from .fcn8s import FCN8s
-from .fcn8s_files import load_fcn8s_state_dict
+from .network import SegmentationNetwork
 from .sam import SelfAttentionModule
 
 __all__ = [
@@ -274,59 +271,27 @@ def network_state_dict(path: str | os.PathLike[str], option: str = "checkpoint")
     return _lightning_network_weights(obj, path, option)
 
 
-def _published_file_reader(network: torch.nn.Module) -> tuple[Any, str] | None:
-    """The reader of ``network``'s published / exported weights files, and what it reads, if it has one."""
-    if isinstance(network, DeepLabV2):
-        return load_deeplab_state_dict, "a DeepLabV2 weights file (published or exported)"
-    if isinstance(network, FCN8s):
-        return load_fcn8s_state_dict, "an FCN-8s weights file (BDL / FDA at-once layout, or exported)"
-    return None
-
-
 def load_network_weights(
-    network: torch.nn.Module, checkpoint_path: str | os.PathLike[str], option: str = "checkpoint"
+    network: SegmentationNetwork, checkpoint_path: str | os.PathLike[str], option: str = "checkpoint"
 ) -> None:
-    """Load a trained network into ``network``: a uda-sam Lightning checkpoint, or a network's weights file.
+    """Load a trained network into ``network`` with its own reader, :meth:`~uda_sam.nn.SegmentationNetwork.load_weights`.
 
-    A :class:`~uda_sam.nn.DeepLabV2` also reads what :func:`~uda_sam.nn.load_deeplab_checkpoint` reads: the
-    published models of AdaptSegNet, ADVENT, BDL, FDA and CRST (with ``style="caffe"``) and exported state dicts;
-    an :class:`~uda_sam.nn.FCN8s` what :func:`~uda_sam.nn.load_fcn8s_checkpoint` reads (BDL's and FDA's VGG16
-    models with ``style="caffe"``); so that a published source-only model can make generation 1's pseudo labels.
+    That reads a uda-sam Lightning checkpoint and the network's own weights files: a :class:`~uda_sam.nn.DeepLabV2`
+    also the published models of AdaptSegNet, ADVENT, BDL, FDA and CRST (with ``style="caffe"``), an
+    :class:`~uda_sam.nn.FCN8s` BDL's and FDA's VGG16 models (with ``style="caffe"``); so that a published
+    source-only model can make generation 1's pseudo labels.
 
     Args:
-        network: The network to fill (same architecture and number of classes as the checkpoint's).
-        checkpoint_path: A Lightning checkpoint of a uda-sam task (``.ckpt``), or for these networks any file above.
-        option: Name of the option that gave the path, for error messages.
+        network: The network to fill (same architecture and number of classes as the file's).
+        checkpoint_path: The file.
+        option: Name of the option that gave the path, put in front of error messages.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a uda-sam network checkpoint (nor, for these networks, another supported layout)
-            or its weights do not fit ``network``.
+        ValueError: If ``network`` is not a :class:`~uda_sam.nn.SegmentationNetwork`, or the file holds no network weights of a layout the network reads, or they do not fit ``network``.
     """
-    reader = _published_file_reader(network)
-    expected = "a Lightning checkpoint of a uda_sam task (.ckpt)" + (f" or {reader[1]}" if reader else "")
-    obj = read_checkpoint(checkpoint_path, option, expected=expected)
-    lightning = isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
-    weights = _lightning_network_weights(obj, checkpoint_path, option) if lightning else obj
-    if reader is not None:
-        # Checks the layout, style, class count (and for DeepLabV2 backbone and branches), naming the keys at fault.
-        try:
-            reader[0](network, weights, f"weights file '{checkpoint_path}'")
-        except ValueError as error:
-            raise ValueError(f"{option}: {error}") from error
-        return
-    if not lightning:
+    if not isinstance(network, SegmentationNetwork):
         raise ValueError(
-            f"{option}: {checkpoint_path} holds no network weights; expected a Lightning checkpoint of a uda_sam "
-            "task (state_dict with 'network.*' entries)"
+            f"{option}: the network to load into must be a uda_sam.nn.SegmentationNetwork; got {type(network).__name__}"
         )
-    expected_state = network.state_dict()
-    mismatched = [k for k, v in weights.items() if k in expected_state and expected_state[k].shape != v.shape]
-    missing = sorted(set(expected_state) - set(weights))
-    if mismatched or missing:
-        detail = f"shape mismatch in {mismatched[:3]}" if mismatched else f"missing keys {missing[:3]}"
-        raise ValueError(
-            f"{option}: the network in {checkpoint_path} does not fit the configured network ({detail}); "
-            "check the number of classes and the backbone"
-        )
-    network.load_state_dict(weights, strict=False)
+    network.load_weights(checkpoint_path, option)

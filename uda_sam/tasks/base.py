@@ -24,7 +24,7 @@ from uda_sam.media import (
     log_iou_table,
     make_example,
 )
-from uda_sam.nn import logit_norm, segmentation_loss
+from uda_sam.nn import SegmentationNetwork, logit_norm, segmentation_loss
 from uda_sam.tasks.optim import (
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -38,7 +38,6 @@ from uda_sam.tasks.optim import (
 __all__ = ["ClassSubset", "SegmentationTask"]
 
 ClassSubset = Literal["19", "16", "13"]
-_NETWORK_API = ("num_classes", "upsample_logits", "param_groups")
 
 
 def _random_state() -> dict[str, Tensor]:
@@ -84,9 +83,8 @@ class SegmentationTask(LightningModule):
       resolution with ``data.val_label_size: full``); see :class:`uda_sam.callbacks.PredictionWriter`.
 
     Args:
-        network: The segmentation network (``DeepLabV2``, ``FCN8s``, or any module with ``num_classes``,
-            ``forward(x) -> (B, C, h, w)`` logits, ``upsample_logits(logits, (H, W))`` and
-            ``param_groups(lr, classifier_lr_mult)``).
+        network: The segmentation network: a :class:`~uda_sam.nn.SegmentationNetwork` (``DeepLabV2``, ``FCN8s``,
+            ``DilatedFCN`` or one of the user's own that implements the contract).
         optimizer: ``"sgd"`` (DeepLabV2 in the paper) or ``"adam"`` (FCN-8s).
         lr: Initial learning rate of the backbone.
         momentum: SGD momentum.
@@ -105,7 +103,7 @@ class SegmentationTask(LightningModule):
 
     def __init__(
         self,
-        network: nn.Module,
+        network: SegmentationNetwork,
         optimizer: OptimizerName = "sgd",
         lr: float = 2.5e-4,
         momentum: float = 0.9,
@@ -121,11 +119,11 @@ class SegmentationTask(LightningModule):
         num_val_images_logged: int = 4,
     ) -> None:
         super().__init__()
-        missing = [name for name in _NETWORK_API if not hasattr(network, name)]
-        if not isinstance(network, nn.Module) or missing:
+        if not isinstance(network, SegmentationNetwork):
             raise ValueError(
-                f"network must be an nn.Module with {', '.join(_NETWORK_API)} (e.g. uda_sam.nn.DeepLabV2); "
-                f"{type(network).__name__} lacks {missing}"
+                f"network must be a uda_sam.nn.SegmentationNetwork (e.g. uda_sam.nn.DeepLabV2, or a subclass of "
+                f"SegmentationNetwork that implements forward, upsample_logits and classifier_parameters); got "
+                f"{type(network).__module__}.{type(network).__qualname__}"
             )
         if int(network.num_classes) != NUM_CLASSES:
             raise ValueError(

@@ -1,6 +1,8 @@
 """Reading DeepLabV2 weights files: the field's init files and published models, and the package's own files.
 
-Layouts read into a :class:`~uda_sam.nn.DeepLabV2` (every file with ``torch.load(weights_only=True)``):
+:meth:`DeepLabV2.load_weights <uda_sam.nn.DeepLabV2.load_weights>` (and ``DeepLabV2(weights=...)``) reads a trained
+model with :func:`load_deeplab_state_dict`; ``DeepLabV2(style="caffe", pretrained=...)`` an init file with
+:func:`load_deeplab_init`. Layouts read into a :class:`~uda_sam.nn.DeepLabV2` (every file with ``torch.load(weights_only=True)``):
 
 - the DeepLab init files (``DeepLab_resnet_pretrained_init-f81d91e8.pth`` of AdaptSegNet/BDL/FDA, ADVENT's
   ``DeepLab_resnet_pretrained_imagenet.pth``): the published names under one extra prefix (``Scale.conv1.weight``),
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DeepLabFile",
     "Head",
-    "load_deeplab_checkpoint",
     "load_deeplab_init",
     "load_deeplab_state_dict",
     "parse_deeplab_state_dict",
@@ -258,27 +259,6 @@ def load_deeplab_state_dict(
     load_matching_state_dict(network.backbone, parsed.backbone, f"{source} (backbone)", _expected(network))
     if classifier is not None:
         load_matching_state_dict(network.classifier, classifier, f"{source} (classifier)", _expected(network))
-
-
-def load_deeplab_checkpoint(network: DeepLabV2, path: str | os.PathLike[str]) -> None:
-    """Load a trained DeepLabV2 of any published layout, or of the package's own, into ``network``.
-
-    Reads AdaptSegNet / ADVENT multi-level models (main head ``layer6``, the ``layer5`` auxiliary head ignored,
-    ``module.`` prefix or not), BDL / FDA / CRST single-level ones (main head ``layer5``), AdaptSegNet's two-branch
-    classifier (with ``aspp_branches=2``), uda-sam Lightning checkpoints and exported state dicts. The published
-    models need ``DeepLabV2(style="caffe")`` and the Caffe normalisation (``data.normalization: caffe``).
-
-    Args:
-        network: The network to fill; its style, backbone, class count and ``aspp_branches`` must be the file's.
-        path: The weights file, read with ``torch.load(weights_only=True)``.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be read as a weights-only state dict, or does not fit ``network`` (the message
-            names the file, the keys at fault and the layout expected).
-    """
-    state = read_state_dict_file(path)
-    load_deeplab_state_dict(network, state, f"weights file '{path}'")
 
 
 def load_deeplab_init(network: DeepLabV2, path: str | os.PathLike[str]) -> None:
