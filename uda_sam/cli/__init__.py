@@ -2,6 +2,7 @@
 
 - :mod:`uda_sam.cli.entry_point`: the entry point (``main``), ``uda-sam --help`` and the one-message error handling;
 - :mod:`uda_sam.cli.lightning`: :class:`UDASamCLI`, the LightningCLI of ``fit``, ``validate``, ``test``, ``predict``;
+  :mod:`uda_sam.cli.checkpoint_config`: what ``predict --ckpt_path`` reads of a run from its checkpoint alone;
 - :mod:`uda_sam.cli.pipeline`, :mod:`~uda_sam.cli.pseudo_label`, :mod:`~uda_sam.cli.evaluate`,
   :mod:`~uda_sam.cli.make_toy_data`: the package's own commands, each with its ``main(argv)``.
 
