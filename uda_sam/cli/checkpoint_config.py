@@ -6,7 +6,8 @@ arguments (``datamodule_hyper_parameters``). When no ``--config`` section nor ``
 ``predict`` takes these as its defaults (:func:`read_run_config`), so that the stage's config, its dataset roots
 (with ``--data.predict_root``) and its SAM file are not needed, and builds the task for a prediction
 (:func:`use_for_prediction`): files that only give initial weights or serve the training loss are not read, since
-every weight comes from the checkpoint.
+every weight comes from the checkpoint. The classes a checkpoint names are imported as a config's would be: predict
+from checkpoints you trust as you would run their configs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from uda_sam.tasks import SegmentationTask
 
 __all__ = [
     "DEFAULT_PREDICTION_DIR",
@@ -133,7 +137,7 @@ def read_run_config(path: str) -> dict[str, Any]:
     }
 
 
-def _task_class(class_path: str) -> type:
+def _task_class(class_path: str) -> type[SegmentationTask]:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 

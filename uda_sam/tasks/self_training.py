@@ -241,7 +241,7 @@ class SelfTraining(SegmentationTask):
 
     @classmethod
     def prediction_overrides(cls) -> dict[str, Any]:
-        """No self-attention loss: the network alone predicts, so neither the frozen SAMs nor their files are needed."""
+        """No self-attention loss: the network alone predicts, without the frozen SAMs or their files."""
         return {"lambda_sa": 0.0, "sam_path": None, "feature_sam_path": None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
