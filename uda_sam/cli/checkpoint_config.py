@@ -102,7 +102,9 @@ def read_run_config(path: str) -> dict[str, Any]:
             settings (e.g. a file written by another program): the message says to pass ``--config``.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--ckpt_path {path} does not exist")
+        raise FileNotFoundError(
+            f"--ckpt_path {path} does not exist (without --config, give a checkpoint file)"
+        )
     try:
         # Memory-mapped: only the few settings are read, not every tensor.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
