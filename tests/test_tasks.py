@@ -561,3 +561,31 @@ def test_logged_learning_rate_is_the_one_of_the_written_step(
         assert float(row["train/lr_backbone"]) == pytest.approx(
             recorder.records[int(row["step"])][0], rel=1e-6
         )
+
+
+def test_checkpoint_for_a_prediction_without_the_frozen_sam(
+    tmp_path: Path, tiny_network, toy_datamodule
+) -> None:
+    """Checkpoints hold the network's configuration; a SelfTraining built for a prediction (no SAM, no file)
+    predicts from a checkpoint with a frozen SAM as the trained task does; only a prediction drops the SAM's weights."""
+    task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")), lambda_sa=0.1)
+    task.network_config = {"class_path": "conftest.TinySegNet", "init_args": {"feature_channels": 8}}
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(task, datamodule=toy_datamodule())
+    trainer.save_checkpoint(tmp_path / "ours.ckpt")
+    saved = torch.load(tmp_path / "ours.ckpt", weights_only=True)
+    assert saved["uda_sam"]["network"] == task.network_config
+    assert any(key.startswith("sam.") for key in saved["state_dict"])
+
+    predictor = SelfTraining(tiny_network(seed=5), **SelfTraining.prediction_overrides())
+    assert predictor.sam is None and predictor.feature_sam is None
+    ckpt = str(tmp_path / "ours.ckpt")
+    predicted = make_trainer(tmp_path).predict(predictor, datamodule=toy_datamodule(), ckpt_path=ckpt)
+    expected = make_trainer(tmp_path).predict(task, datamodule=toy_datamodule())
+    assert predicted is not None and expected is not None
+    for ours, theirs in zip(predicted, expected, strict=True):
+        assert torch.equal(ours["pred"], theirs["pred"])
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*sam\."):
+        make_trainer(tmp_path, limit_test_batches=1).test(
+            predictor, datamodule=toy_datamodule(), ckpt_path=ckpt
+        )

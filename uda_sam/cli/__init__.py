@@ -2,7 +2,8 @@
 
 - :mod:`uda_sam.cli.entry_point`: the entry point (``main``), ``uda-sam --help`` and the one-message error handling;
 - :mod:`uda_sam.cli.lightning`: :class:`~uda_sam.cli.lightning.UDASamCLI`, the LightningCLI of ``fit``,
-  ``validate``, ``test``, ``predict``;
+  ``validate``, ``test``, ``predict``; :mod:`uda_sam.cli.checkpoint_config`: what ``predict --ckpt_path`` reads of a
+  run from its checkpoint alone;
 - :mod:`uda_sam.cli.pipeline`, :mod:`~uda_sam.cli.pseudo_label`, :mod:`~uda_sam.cli.evaluate`,
   :mod:`~uda_sam.cli.make_toy_data`: the package's own commands, each with its ``main(argv)``; the pipeline's file
   is read by :mod:`~uda_sam.cli.pipeline_config`, its results tables made by :mod:`~uda_sam.cli.pipeline_report`;

@@ -7,6 +7,7 @@ Examples::
     uda-sam fit --config configs/gta5/sam_pretrain.yaml         # stage 1
     uda-sam fit --config configs/gta5/ours_8_10.yaml            # stage 2
     uda-sam validate --config configs/gta5/ours_8_10.yaml --ckpt_path runs/gta5/ours_8_10/checkpoints/last.ckpt
+    uda-sam predict --ckpt_path runs/gta5/ours_8_10/checkpoints/last.ckpt --data.predict_root my_frames
     uda-sam evaluate --pred-dir predictions/labelIds --gt-dir data/cityscapes
 
 A bad config or input file ends the command with one message, the package's own, and exit status 2 (set

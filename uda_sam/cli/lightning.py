@@ -9,17 +9,28 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import uda_sam.callbacks  # noqa: F401  (registers the callbacks for short class names in configs)
 from uda_sam.callbacks.checkpoint import AtomicCheckpointIO
+from uda_sam.callbacks.prediction_writer import PredictionWriter
+from uda_sam.cli.checkpoint_config import (
+    DEFAULT_PREDICTION_DIR,
+    CheckpointConfigError,
+    checkpoint_to_predict_from,
+    read_run_config,
+    use_for_prediction,
+)
 from uda_sam.cli.console import quiet_console
 from uda_sam.cli.run_lock import run_lock
 from uda_sam.data.datamodule import UDADataModule
@@ -207,6 +218,13 @@ class UDASamCLI(LightningCLI):
     with ``--ckpt_path`` is fine. Checkpoints are written whole or not at all (:class:`AtomicCheckpointIO`).
     ``WANDB_MODE=disabled`` turns off W&B loggers even where a config says ``offline: true``, and a command that
     fails before training leaves no offline W&B run behind.
+
+    Every task records its network's configuration (``SegmentationTask.network_config``) for its checkpoints, so
+    that ``predict --ckpt_path FILE`` needs no config: when no ``--config`` section nor ``--model`` option names the
+    model, the task, network and data settings default to those the checkpoint holds
+    (:mod:`uda_sam.cli.checkpoint_config`), the task is built for a prediction (no SAM file, no initial-weight
+    file), no logger is set up, and unless another ``PredictionWriter`` is configured one writes the PNGs into
+    ``trainer.default_root_dir`` (default ``predictions``), next to the ``config.yaml`` the command ran with.
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: object) -> None:
@@ -225,22 +243,72 @@ class UDASamCLI(LightningCLI):
             },
         )
         quiet_console()
+        command = list(sys.argv[1:] if args is None else args)
+        #: The checkpoint ``predict`` rebuilds the run from, when no config names the model (else ``None``).
+        self.predict_checkpoint = checkpoint_to_predict_from(command) if run else None
+        self._run_config = read_run_config(self.predict_checkpoint) if self.predict_checkpoint else None
         super().__init__(args=list(args) if args is not None else None, run=run, **kwargs)  # type: ignore[arg-type]
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """For ``predict`` from a checkpoint alone: the checkpoint's task, network and data settings as defaults,
+        no logger, and ``predictions`` as ``trainer.default_root_dir``."""
+        if self._run_config is None:
+            return
+        defaults = {f"data.{name}": value for name, value in self._run_config["data"].items()}
+        defaults |= {"model": self._run_config["model"]}
+        defaults |= {"trainer.logger": False, "trainer.default_root_dir": DEFAULT_PREDICTION_DIR}
+        try:
+            parser.set_defaults(defaults)
+        except KeyError as error:
+            raise CheckpointConfigError(
+                f"--ckpt_path {self.predict_checkpoint}: its settings do not fit this version of uda-sam ({error}); "
+                f"pass the config it was trained with as well: --config CONFIG --ckpt_path {self.predict_checkpoint}"
+            ) from error
+
     def before_instantiate_classes(self) -> None:
-        """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline; make their run folders."""
+        """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline; make their run folders. For
+        ``predict`` from a checkpoint alone, set the model to be built for a prediction."""
         trainer_config = self._get(self.config, "trainer")
         _quiet_wandb(trainer_config)
         _respect_wandb_disabled(trainer_config)
+        if self.predict_checkpoint is not None:
+            use_for_prediction(self._get(self.config, "model"))
+
+    def after_instantiate_classes(self) -> None:
+        """Give the task its network's configuration, for its checkpoints."""
+        if isinstance(self.model, SegmentationTask):
+            self.model.network_config = self._network_config()
+
+    def _network_config(self) -> dict[str, Any] | None:
+        """The model's ``network`` section as plain YAML values (what a checkpoint can hold and load safely)."""
+        dump = self.parser.dump(self.config, format="yaml", skip_none=False, skip_link_targets=False)
+        dump = yaml.safe_load(dump)
+        if self.subcommand is not None:
+            dump = dump[self.subcommand]
+        network = (dump.get("model") or {}).get("init_args", {}).get("network")
+        return network if isinstance(network, dict) and "class_path" in network else None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, with :class:`DiscardFailedStart` and (unless configured otherwise)
-        :class:`AtomicCheckpointIO`."""
+        :class:`AtomicCheckpointIO`; for ``predict`` from a checkpoint alone, a :class:`PredictionWriter` into
+        ``trainer.default_root_dir`` unless one is configured."""
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(DiscardFailedStart())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.predict_checkpoint is not None and not any(
+            isinstance(callback, PredictionWriter) for callback in trainer.callbacks
+        ):
+            trainer.callbacks.append(PredictionWriter(output_dir=trainer.default_root_dir))
         return trainer
+
+    def predict(self, model: LightningModule, **kwargs: Any) -> None:
+        """``trainer.predict``; from a checkpoint alone, without Lightning's note that the training callbacks whose
+        states the checkpoint holds are missing (a prediction does not use them)."""
+        with warnings.catch_warnings():
+            if self.predict_checkpoint is not None:
+                warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
+            self.trainer.predict(model, **kwargs)
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         """``trainer.fit``, holding the lock of the run's folders; a new run into another run's folders is refused."""

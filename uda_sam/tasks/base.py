@@ -81,6 +81,9 @@ class SegmentationTask(LightningModule):
       prediction masks (rank 0).
     - **Predict**: ``{"name": [...], "pred": uint8 (B, H, W) trainIds}`` at the mask size (the original
       resolution with ``data.val_label_size: full``); see :class:`uda_sam.callbacks.PredictionWriter`.
+    - **Checkpoints** hold, besides what Lightning saves (the task's arguments, the data module's), the network's
+      configuration :attr:`network_config` when it is known: ``uda-sam predict --ckpt_path`` rebuilds the task
+      from them alone (:meth:`prediction_overrides` says what a prediction does without).
 
     Args:
         network: The segmentation network: a :class:`~uda_sam.nn.SegmentationNetwork` (``DeepLabV2``, ``FCN8s``,
@@ -173,6 +176,10 @@ class SegmentationTask(LightningModule):
         # Image-weighted mean losses: exact under DDP even when processes hold different numbers of images.
         self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self._examples: list[ValidationExample] = []
+        #: The network's ``{"class_path": ..., "init_args": {...}}`` as a config gives it (plain YAML values), saved
+        #: in checkpoints so that ``uda-sam predict --ckpt_path`` can rebuild the network. The ``uda-sam`` commands
+        #: set it; a task built in Python from a network object has none unless it is set by hand.
+        self.network_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, image: Tensor) -> Tensor:
@@ -316,12 +323,24 @@ class SegmentationTask(LightningModule):
                 group["lr"] = base_lr * factor
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the schedule origin and horizon, and the random generators' state, next to the weights."""
+        """Store the schedule origin and horizon, the random generators' state and the network's configuration
+        (:attr:`network_config`, when known) next to the weights."""
         checkpoint["uda_sam"] = {
             "schedule_origin": self.schedule_origin,
             "schedule_steps": self.schedule_steps,
             "rng": _random_state(),
         }
+        if self.network_config is not None:
+            checkpoint["uda_sam"]["network"] = self.network_config
+
+    @classmethod
+    def prediction_overrides(cls) -> dict[str, Any]:
+        """Arguments that rebuild this task for a prediction from a checkpoint, replacing those it was trained with.
+
+        A prediction runs the trained modules only, whose weights come from the checkpoint: what only training
+        reads (files of frozen helper modules, their losses) is switched off here. None for this class.
+        """
+        return {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore what :meth:`on_save_checkpoint` stored.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -237,3 +238,20 @@ class SelfTraining(SegmentationTask):
             configs["feature_sam"] = sam_config(self.feature_sam, "feature")
         if configs:
             checkpoint["sam_config"] = configs
+
+    @classmethod
+    def prediction_overrides(cls) -> dict[str, Any]:
+        """No self-attention loss: the network alone predicts, without the frozen SAMs or their files."""
+        return {"lambda_sa": 0.0, "sam_path": None, "feature_sam_path": None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the schedule (see ``SegmentationTask``); a prediction by a task built without the frozen SAMs
+        (:meth:`prediction_overrides`) leaves their weights in the checkpoint aside."""
+        super().on_load_checkpoint(checkpoint)
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.PREDICTING:
+            return
+        state = checkpoint["state_dict"]
+        for name, sam in (("sam", self.sam), ("feature_sam", self.feature_sam)):
+            if sam is None:
+                for key in [key for key in state if key.startswith(f"{name}.")]:
+                    del state[key]
