@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from uda_sam.callbacks import DivergenceError, DivergenceMonitor
-from uda_sam.nn import logit_norm
+from uda_sam.nn import SelfAttentionLoss, SelfAttentionModule, logit_norm
 from uda_sam.tasks import SelfTraining
 
 
@@ -103,7 +103,7 @@ def test_bad_options(kwargs: dict[str, Any]) -> None:
 
 
 def test_self_training_logs_the_target_logit_norm(tiny_network) -> None:
-    task = SelfTraining(tiny_network(), lambda_sa=0.0)
+    task = SelfTraining(tiny_network())
     logged: dict[str, torch.Tensor] = {}
     task.log_dict = lambda values, **_: logged.update(values)  # type: ignore[method-assign]
     task.log = lambda name, value, **_: logged.update({name: value})  # type: ignore[method-assign]
@@ -126,8 +126,8 @@ def test_residual_loss_blow_up_stops_with_the_self_attention_cause(
     """Eq. (8) at a far too large lambda x learning rate: the logits run away and the monitor names the cause."""
     task = SelfTraining(
         tiny_network(),
-        sam_use_conv=False,  # a parameter-free SAM: no file needed
-        lambda_sa=1000.0,
+        # A parameter-free SAM ("No Conv"): no file needed.
+        self_attention=SelfAttentionLoss(SelfAttentionModule(19, use_conv=False), weight=1000.0),
         use_target=False,
         optimizer="sgd",
         lr=0.05,
@@ -148,6 +148,6 @@ def test_residual_loss_blow_up_stops_with_the_self_attention_cause(
     with pytest.raises(DivergenceError) as raised:
         trainer.fit(task, datamodule=toy_datamodule())
     message = str(raised.value)
-    assert "the self-attention terms dominate the loss (lambda_sa=1000.0)" in message
+    assert "the self-attention terms dominate the loss (SelfAttentionLoss.weight=1000.0)" in message
     assert "residual target (8)" in message and "loss_sa_source=" in message
     assert trainer.global_step < 100

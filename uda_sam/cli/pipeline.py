@@ -228,14 +228,14 @@ def _check_consistency(config: PipelineConfig, path: Path) -> None:
     if len(set(counts.values())) > 1:
         raise PipelineConfigError(f"{path}: the stages disagree on the number of classes: {counts}")
     for setting in config.settings:
-        lambda_sa = float(_config_value(setting, "model.init_args.lambda_sa", 0.0) or 0.0)
-        # "No Conv" uses a parameter-free SAM: it needs no trained SAM file.
-        trained_sam = _config_value(setting, "model.init_args.sam_use_conv", True) is not False
-        setting.uses_sam = setting.uses_sam or (lambda_sa > 0 and trained_sam)
+        self_attention = _config_value(setting, "model.init_args.self_attention", None)
+        # "No Conv" uses a parameter-free SAM (a SelfAttentionModule given in the config): it needs no trained file.
+        sam = _config_value(setting, "model.init_args.self_attention.init_args.sam", None)
+        setting.uses_sam = setting.uses_sam or (self_attention is not None and not isinstance(sam, dict))
         if setting.uses_sam and config.sam_pretraining is None:
             raise PipelineConfigError(
-                f"{path}: setting {setting.name!r} uses the self-attention loss (lambda_sa={lambda_sa}) but the "
-                "pipeline has no `sam_pretraining` stage to train the SAM"
+                f"{path}: setting {setting.name!r} uses the self-attention loss (model.init_args.self_attention) but "
+                "the pipeline has no `sam_pretraining` stage to train the SAM"
             )
 
 
@@ -533,7 +533,7 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
             banner(f"{setting.name}, generation {generation}")
             wiring = list(common)
             if setting.uses_sam:
-                wiring.append(f"--model.init_args.sam_path={sam_file}")
+                wiring.append(f"--model.init_args.self_attention.init_args.sam={sam_file}")
             stage_dir = seed_dir / _slug(setting.name) / f"generation_{generation}"
             result = run_stage(
                 f"{setting.name} gen {generation}",

@@ -2,7 +2,7 @@
 weights files (:mod:`uda_sam.nn.sam_io`: exported SAM files, network weights from checkpoints).
 
 Nothing here imports Lightning or the data code, so ``from uda_sam.nn import SelfAttentionModule,
-self_attention_loss`` works inside any PyTorch project.
+SelfAttentionLoss, self_attention_loss`` works inside any PyTorch project.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .sam import (
     relu_cosine_similarity,
 )
 from .sam_io import load_network_weights, load_sam, network_state_dict, save_sam
+from .sam_loss import SelfAttentionLoss, SelfAttentionTerms
 
 __all__ = [
     "AUTO_FULL_MAX_BYTES",
@@ -34,7 +35,9 @@ __all__ = [
     "DilatedFCN",
     "DilatedResNet",
     "FCN8s",
+    "SelfAttentionLoss",
     "SelfAttentionModule",
+    "SelfAttentionTerms",
     "attention_map",
     "build_vgg16_features",
     "load_deeplab_checkpoint",
