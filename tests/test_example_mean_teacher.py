@@ -55,7 +55,7 @@ def test_mean_teacher_trains_with_the_sam_loss_from_the_shipped_configs(
     ]
     cli = load_example_cli().main(args=["fit", *args])
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, SelfAttentionLossCallback)]
-    assert len(callbacks) == 1 and callbacks[0].weight == 0.1
+    assert len(callbacks) == 1 and callbacks[0].loss.weight == 0.1
     assert cli.trainer.global_step == 3
     metrics = cli.trainer.callback_metrics
     assert {"train/loss_sa", "train/loss_source", "train/loss_target", "val/mIoU"} <= set(metrics)

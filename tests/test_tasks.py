@@ -382,7 +382,9 @@ def test_no_conv_sam_needs_no_file(tiny_network) -> None:
     assert sam is not None and not sam.use_conv and not list(sam.parameters())
 
 
-def test_self_training_checkpoint_serves_as_sam_file(tmp_path: Path, tiny_network, toy_datamodule) -> None:
+def test_self_training_checkpoint_resumes_and_serves_as_sam_file(
+    tmp_path: Path, tiny_network, toy_datamodule
+) -> None:
     loss = SelfAttentionLoss(sam_file(tmp_path / "sam.pt"))
     task = SelfTraining(tiny_network(), self_attention=loss)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -398,6 +400,12 @@ def test_self_training_checkpoint_serves_as_sam_file(tmp_path: Path, tiny_networ
     reloaded = SelfAttentionLoss(str(tmp_path / "ckpt" / "last.ckpt")).sam
     assert loss.sam is not None and reloaded is not None
     assert_same_state(state_copy(loss.sam), state_copy(reloaded))
+    # A stage-2 checkpoint resumes: its frozen SAM loads back into the configured loss.
+    resumed = SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(sam_file(tmp_path / "sam.pt")))
+    make_trainer(tmp_path, max_steps=2).fit(
+        resumed, datamodule=toy_datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert resumed.global_step == 2
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ class MeanTeacher(pl.LightningModule):
             load_network_weights(network, init_checkpoint, option="init_checkpoint")
         self.student = network
         self.teacher = copy.deepcopy(network).requires_grad_(False).eval()
-        self.num_classes = int(network.num_classes)  # lets SelfAttentionLossCallback check its SAM at fit start
+        self.num_classes = int(network.num_classes)  # lets the SAM loss callback check its SAM at fit start
         self.val_metrics = SegmentationMetrics(
             self.num_classes, class_subsets={"19": range(self.num_classes)}
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,13 @@ def test_feature_layer_needs_features_and_a_network_with_them() -> None:
     with pytest.raises(ValueError, match="needs a network with feature_channels"):
         loss.check_network(num_classes=5, feature_channels=None)
     loss.check_network(num_classes=5, feature_channels=3)
+
+
+def test_imports_without_lightning() -> None:
+    code = (
+        "import sys\n"
+        "from uda_sam.nn import SelfAttentionLoss\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
+        "assert not leaked, leaked\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
