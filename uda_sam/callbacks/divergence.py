@@ -194,7 +194,7 @@ class DivergenceMonitor(Callback):
         return "\n".join(lines)
 
     @staticmethod
-    def self_attention_losses(trainer: pl.Trainer) -> list[SelfAttentionLoss]:
+    def _self_attention_losses(trainer: pl.Trainer) -> list[SelfAttentionLoss]:
         """The self-attention losses of the run: those inside the LightningModule (e.g. ``SelfTraining``'s
         ``self_attention``) and those of :class:`~uda_sam.callbacks.SelfAttentionLossCallback` callbacks."""
         losses = [m for m in trainer.lightning_module.modules() if isinstance(m, SelfAttentionLoss)]
@@ -204,9 +204,10 @@ class DivergenceMonitor(Callback):
     def _likely_cause(self, trainer: pl.Trainer, loss: float) -> str:
         """A self-attention loss whose last terms are not finite or, unweighted, exceed the rest of ``loss``; else
         the segmentation loss."""
-        for attention in self.self_attention_losses(trainer):
+        for attention in self._self_attention_losses(trainer):
             terms = [float(term) for term in attention.last_terms.values()]
             rest = loss - attention.weight * sum(terms)
+            # A non-finite rest (the segmentation loss blew up) does not make the finite terms dominate.
             if not terms or (all(map(math.isfinite, terms)) and not sum(terms) > rest):
                 continue
             advice = (
