@@ -576,8 +576,10 @@ def protocol(pipeline: Path = REPO / "configs" / "gta5" / "pipeline.yaml") -> di
 
     settings = []
     for setting in spec["settings"]:
-        lambda_sa = config_value(files(setting), ("model", "init_args", "lambda_sa")) or 0.0
-        settings.append({"name": setting["name"], "steps": steps(setting), "uses_sam": float(lambda_sa) > 0,
+        # A trained SAM is needed by a self-attention loss whose `sam` is a file (not No Conv's inline module).
+        loss = config_value(files(setting), ("model", "init_args", "self_attention")) or {}
+        uses_sam = bool(loss) and not isinstance(loss.get("init_args", {}).get("sam"), dict)
+        settings.append({"name": setting["name"], "steps": steps(setting), "uses_sam": uses_sam,
                          "generations": int(setting.get("generations") or spec["generations"])})  # fmt: skip
     return {
         "file": str(pipeline.relative_to(REPO)),

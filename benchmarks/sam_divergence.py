@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,13 @@ from machine import machine_info  # noqa: E402
 from uda_sam.data import Cityscapes  # noqa: E402
 from uda_sam.data.datamodule import UDADataModule  # noqa: E402
 from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
-from uda_sam.nn import DeepLabV2, logit_norm, self_attention_loss  # noqa: E402
+from uda_sam.nn import (  # noqa: E402
+    DeepLabV2,
+    SelfAttentionLoss,
+    SelfAttentionModule,
+    logit_norm,
+    self_attention_loss,
+)
 from uda_sam.nn.sam_io import load_network_weights  # noqa: E402
 from uda_sam.tasks import SelfTraining  # noqa: E402
 
@@ -146,6 +153,19 @@ class LabelAttention(nn.Module):
         return mixed.transpose(1, 2).reshape(batch, channels, height, width)
 
 
+class LabelAttentionLoss(SelfAttentionLoss):
+    """The self-attention loss with a :class:`LabelAttention` for SAM, its labels set before each domain's term."""
+
+    def __init__(self, labels_of: Callable[[Tensor], Tensor], **kwargs: Any) -> None:
+        super().__init__(SelfAttentionModule(19, use_conv=False), **kwargs)
+        self.sam = LabelAttention(19)  # type: ignore[assignment]
+        self.labels_of = labels_of
+
+    def term(self, logits: Tensor, features: Tensor | None = None) -> Tensor:
+        self.sam.labels = self.labels_of(logits)  # type: ignore[union-attr]
+        return super().term(logits, features)
+
+
 class DiagnosedSelfTraining(SelfTraining):
     """``SelfTraining`` that also measures the logits and the per-term gradients on them every ``every`` steps."""
 
@@ -163,11 +183,6 @@ class DiagnosedSelfTraining(SelfTraining):
     def log_losses(self, total: Tensor, terms: dict[str, Tensor], *args: Any, **kwargs: Any) -> None:
         self._terms = dict(terms)
         super().log_losses(total, terms, *args, **kwargs)
-
-    def self_attention_term(self, logits: Tensor, features: Tensor | None) -> Tensor:
-        if isinstance(self.sam, LabelAttention):
-            self.sam.labels = self._labels_of(logits)
-        return super().self_attention_term(logits, features)
 
     def _labels_of(self, logits: Tensor) -> Tensor:
         batch = self._batch
@@ -194,8 +209,9 @@ class DiagnosedSelfTraining(SelfTraining):
             (grad,) = torch.autograd.grad(self._terms["loss_seg_target"], logits_t, retain_graph=True)
             record["grad_seg"] = float(grad.norm())
         if "loss_sa_target" in self._terms:
+            assert self.self_attention is not None
             (grad,) = torch.autograd.grad(
-                self.lambda_sa * self._terms["loss_sa_target"], logits_t, retain_graph=True
+                self.self_attention.weight * self._terms["loss_sa_target"], logits_t, retain_graph=True
             )
             norm = grad.norm()
             record["grad_sa"] = float(norm)
@@ -273,14 +289,13 @@ def probe_config(cli_args: list[str]) -> str:
 
     cli = UDASamCLI(args=[*cli_args, "--trainer.logger=false"], run=False)
     model, datamodule = cli.model, cli.datamodule
-    if getattr(model, "sam", None) is None or not getattr(model, "lambda_sa", 0):
-        return "the config trains no self-attention loss on the prediction layer (lambda_sa = 0 or no SAM)"
+    loss = getattr(model, "self_attention", None)
+    if loss is None or loss.sam is None or not loss.weight:
+        return "the config trains no self-attention loss on the prediction layer (no self_attention, weight 0 or no sam)"
     datamodule.setup("fit")
     images = torch.stack([datamodule.target_train[i]["image"] for i in range(2)])
-    gain = uniform_mode_gain(model.network, model.sam, images, model.lambda_sa, model.sa_target)
-    lines = [
-        f"gain a of the class-uniform mode at lambda_sa={model.lambda_sa}, {model.sa_target}: {gain:.4g}"
-    ]
+    gain = uniform_mode_gain(model.network, loss.sam, images, loss.weight, loss.target)
+    lines = [f"gain a of the class-uniform mode at weight={loss.weight}, {loss.target}: {gain:.4g}"]
     steps = cli.trainer.max_steps
     if model.optimizer_name == "sgd" and steps and steps > 0:
         total = sum(
@@ -290,7 +305,7 @@ def probe_config(cli_args: list[str]) -> str:
         lines.append(
             f"SGD (lr {model.lr}, momentum {model.momentum}, poly {model.poly_power}) over {steps} steps: the mode "
             f"grows by e^{total:.3g} at the gain of the start (it rises as training scales the features up); "
-            "keep it below e^1, e.g. with lambda_sa scaled down by that exponent"
+            "keep it below e^1, e.g. with the weight scaled down by that exponent"
         )
     else:
         lines.append(
@@ -310,13 +325,15 @@ def run_setting(
         load_network_weights(network, start / "no_pseudo.ckpt", "start")
     lambda_sa = options["lambda_sa"]
     attention = options["attention"]
+    loss_options = {"weight": lambda_sa, "target": options["sa_target"], "domains": options["sa_domains"]}
+    self_attention = None
+    if lambda_sa > 0 and attention == "trained":
+        self_attention = SelfAttentionLoss(str(start / "sam.pt"), **loss_options)
+    elif lambda_sa > 0 and attention == "noconv":
+        self_attention = SelfAttentionLoss(SelfAttentionModule(19, use_conv=False), **loss_options)
     task = DiagnosedSelfTraining(
         network,
-        sam_path=str(start / "sam.pt") if lambda_sa > 0 and attention == "trained" else None,
-        sam_use_conv=attention != "noconv",
-        lambda_sa=lambda_sa if attention != "labels" else 0.0,
-        sa_target=options["sa_target"],
-        sa_domains=options["sa_domains"],
+        self_attention=self_attention,
         optimizer=options["optimizer"],
         lr=options["lr"],
         momentum=options["momentum"],
@@ -326,20 +343,18 @@ def run_setting(
         every=every,
         target_gt=_target_ground_truth(data_root) if attention == "labels" else None,
     )
-    if attention == "labels":  # a label-made attention: set after construction (no file describes it)
-        task.lambda_sa = lambda_sa
-        task.sam = LabelAttention(19)
+    if attention == "labels":  # a label-made attention: set after construction (it reads the task's batch)
+        task.self_attention = LabelAttentionLoss(task._labels_of, **loss_options)
     task.nonfinite_step = None
     datamodule = _datamodule(data_root, start / "pseudo_labels")
     datamodule.setup("fit")
     images = torch.stack([datamodule.target_train[i]["image"] for i in range(2)])
     gain = float("nan")
-    if task.sam is not None:
-        if isinstance(task.sam, LabelAttention):
-            task.sam.labels = torch.stack(
-                [task.target_gt[datamodule.target_train[i]["name"]] for i in range(2)]
-            )
-        gain = uniform_mode_gain(task.network, task.sam, images, lambda_sa, options["sa_target"])
+    if task.self_attention is not None:
+        sam = task.self_attention.sam
+        if isinstance(sam, LabelAttention):
+            sam.labels = torch.stack([task.target_gt[datamodule.target_train[i]["name"]] for i in range(2)])
+        gain = uniform_mode_gain(task.network, sam, images, lambda_sa, options["sa_target"])
     trainer = Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -405,7 +420,7 @@ def prepare(out: Path, data_root: Path, steps: int, seed: int) -> None:
         "num_val_images_logged": 0,
     }
     for name, build in (
-        ("no_pseudo", lambda net: SelfTraining(net, lambda_sa=0.0, use_target=False, **common)),
+        ("no_pseudo", lambda net: SelfTraining(net, use_target=False, **common)),
         ("sam_pretrain", lambda net: SAMPretraining(net, **common)),
     ):
         seed_everything(seed, verbose=False)

@@ -85,7 +85,7 @@ from machine import machine_info  # benchmarks/machine.py (the script's folder i
 from timing import Share, SyncCounter, TimeBox, synchronized_time  # benchmarks/timing.py
 
 from uda_sam.cli.console import quiet_console
-from uda_sam.nn import DeepLabV2, SelfAttentionModule
+from uda_sam.nn import DeepLabV2, SelfAttentionLoss, SelfAttentionModule
 from uda_sam.nn.sam_io import save_sam
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import build_optimizer, lr_factor, trainable_param_groups
@@ -411,8 +411,9 @@ def build_task(setup: Setup, variant: Variant, root: Path) -> LightningModule:
         # It exports its SAM when training ends: keep that apart from the frozen SAM of the other variants.
         return SAMPretraining(network, sam_export_path=str(root / "stage1_sam.pt"), **TASK_KWARGS)
     if variant.sam:
-        return SelfTraining(network, sam_path=str(setup.sam_path), lambda_sa=setup.lambda_sa, **TASK_KWARGS)
-    return SelfTraining(network, lambda_sa=0.0, **TASK_KWARGS)
+        loss = SelfAttentionLoss(str(setup.sam_path), weight=setup.lambda_sa)
+        return SelfTraining(network, self_attention=loss, **TASK_KWARGS)
+    return SelfTraining(network, **TASK_KWARGS)
 
 
 def run_lightning(setup: Setup, variant: Variant, root: Path) -> Result:

@@ -366,7 +366,7 @@ def test_entropy_analysis_reads_the_validation_logits(tmp_path: Path, tiny_netwo
     from uda_sam.tasks import SelfTraining
 
     network = _CountingNet(tiny_network())
-    task = SelfTraining(network=network, lambda_sa=0.0, use_target=False, lr=1e-3, num_val_images_logged=0)
+    task = SelfTraining(network=network, use_target=False, lr=1e-3, num_val_images_logged=0)
     callback = EntropyAnalysisCallback(every_n_steps=2, output_csv=str(tmp_path / "entropy.csv"))
     trainer = pl.Trainer(
         default_root_dir=tmp_path,

@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from uda_sam.evaluation.analysis import AttentionQuality
-from uda_sam.nn import SelfAttentionModule, attention_map
+from uda_sam.nn import SelfAttentionLoss, SelfAttentionModule, attention_map
 from uda_sam.nn.sam_io import read_attention_quality, save_sam
 from uda_sam.tasks import SAMPretraining, SelfTraining
 
@@ -130,11 +130,11 @@ def test_near_uniform_sam_warns_at_the_start_of_self_training(tmp_path: Path, ti
     with pytest.warns(
         UserWarning, match=r"flat\.pt: on the target images.*0\.287.*0\.268.*4\.847 against 4\.852"
     ):
-        SelfTraining(tiny_network(), sam_path=str(path))
+        SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(path))
     good = {**figures, "same_class_share": 0.6, "lift": 0.6 / 0.268}
     path = save_sam(SelfAttentionModule(19), tmp_path / "good.pt", attention_quality={"target": good})
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SelfTraining(tiny_network(), sam_path=str(path))
+        SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(path))

@@ -156,7 +156,7 @@ def test_toy_stage0_and_stage1(toy_runs: Path) -> None:
     assert (no_pseudo / "config.yaml").is_file()
     assert list((no_pseudo / "wandb").glob("offline-run-*"))
     ckpt = torch.load(no_pseudo / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3 and not any(k.startswith("sam.") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 3 and not any(k.startswith("self_attention.") for k in ckpt["state_dict"])
     # The best-on-validation network is kept under its own name.
     assert sorted(p.name for p in (no_pseudo / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(no_pseudo / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
@@ -237,7 +237,9 @@ def test_toy_stage2_ours(toy_runs: Path) -> None:
         "state_dict"
     ]
     for key, value in exported.items():
-        assert torch.equal(state[f"sam.{key}"], value)  # the frozen SAM is bit-identical after training
+        assert torch.equal(
+            state[f"self_attention.sam.{key}"], value
+        )  # the frozen SAM is bit-identical after training
     assert list((run / "pseudo_labels").rglob("*.png"))
 
 
@@ -263,12 +265,20 @@ def test_missing_dataset_root_fails_before_training(
 @pytest.mark.parametrize(
     ("command", "args", "message"),
     [
-        ("fit", ["--model.init_args.lambda_sa=-1"], "lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"),
-        ("validate", ["--model.init_args.lambda_sa=-1"], "lambda_sa must be >= 0"),
         (
             "fit",
-            ["--model.init_args.lambda_sa=0.1", "--model.init_args.sam_path=nowhere/sam.pt"],
-            "sam_path: nowhere/sam.pt does not exist",
+            ["--model.init_args.self_attention.weight=-1"],
+            "SelfAttentionLoss: weight must be >= 0, got -1.0",
+        ),
+        (
+            "validate",
+            ["--model.init_args.self_attention.weight=-1"],
+            "SelfAttentionLoss: weight must be >= 0",
+        ),
+        (
+            "fit",
+            ["--model.init_args.self_attention.sam=nowhere/sam.pt"],
+            "SelfAttentionLoss.sam: nowhere/sam.pt does not exist",
         ),
     ],
 )
@@ -301,14 +311,14 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[
             [
                 "fit",
                 "--config",
-                str(TOY / "no_pseudo.yaml"),
-                "--model.init_args.sa_target=residuals",
+                str(TOY / "ours.yaml"),
+                "--model.init_args.self_attention.init_args.target=residuals",
                 "--print_config",
             ]
         )
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
-    assert "sa_target" in err and "residual" in err
+    assert "self_attention.init_args.target" in err and "'residual', 'attended'" in err
 
 
 def test_published_model_validates_and_teaches(toy_root: Path, tmp_path: Path) -> None:

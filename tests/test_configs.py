@@ -105,7 +105,7 @@ def test_caffe_init_fragment_composes(capsys: pytest.CaptureFixture[str]) -> Non
     assert network["init_args"]["pretrained"].endswith("DeepLab_resnet_pretrained_init-f81d91e8.pth")
     # The stage's own settings are kept: the paper's network, the SAM loss, the data.
     assert network["init_args"]["backbone"] == "resnet101" and network["init_args"]["freeze_bn"] is True
-    assert printed["model"]["init_args"]["lambda_sa"] == 0.1
+    assert printed["model"]["init_args"]["self_attention"]["init_args"]["weight"] == 0.1
     assert printed["data"]["normalization"] == "caffe" and printed["data"]["target_size"] == [1024, 512]
 
 
@@ -163,29 +163,35 @@ def test_paper_hyperparameters(path: Path) -> None:
         return
     assert config["model"]["class_path"] == "uda_sam.tasks.SelfTraining"
     if name == "no_pseudo":
-        assert model["lambda_sa"] == 0 and model["use_target"] is False
+        assert model["self_attention"] is None and model["use_target"] is False
         return
     assert model["use_target"] is True
     if name == "pseudo_only":
-        assert model["lambda_sa"] == 0
+        assert model["self_attention"] is None
         return
-    assert model["lambda_sa"] == (0.001 if fcn else 0.1)
+    assert model["self_attention"]["class_path"] == "uda_sam.nn.SelfAttentionLoss"
+    loss = model["self_attention"]["init_args"]
+    assert loss["weight"] == (0.001 if fcn else 0.1)
     match = re.fullmatch(r"ours_(8|9)_(10|11)", name)
     if match:
         eq_target, eq_domains = match.groups()
     else:  # ablations and appendix variants use the source's best setting
         eq_target, eq_domains = ("8", "10") if source == "gta5" else ("9", "11")
-    assert model["sa_target"] == {"8": "residual", "9": "attended"}[eq_target]
-    assert model["sa_domains"] == {"10": "both", "11": "target"}[eq_domains]
-    expected = {
-        "ours_kl": ("sa_distance", "kl"),
-        "ours_cosine": ("sa_distance", "cosine"),
-        "no_conv": ("sam_use_conv", False),
+    assert loss["target"] == {"8": "residual", "9": "attended"}[eq_target]
+    assert loss["domains"] == {"10": "both", "11": "target"}[eq_domains]
+    no_conv = {
+        "class_path": "uda_sam.nn.SelfAttentionModule",
+        "init_args": {"num_classes": 19, "use_conv": False},
     }
-    expected |= {"ours_feature": ("sa_layer", "feature"), "ours_both_layers": ("sa_layer", "both")}
-    if name in expected:
-        key, value = expected[name]
-        assert model[key] == value
+    variants = {
+        "ours_kl": {"distance": "kl"},
+        "ours_cosine": {"distance": "cosine"},
+        "no_conv": {"sam": no_conv},
+        "ours_feature": {"layer": "feature"},
+        "ours_both_layers": {"layer": "both"},
+    }
+    for key, value in ({"distance": "l2", "layer": "prediction"} | variants.get(name, {})).items():
+        assert loss[key] == value, key
 
 
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=rel)
@@ -195,10 +201,10 @@ def test_stage2_inputs_come_from_earlier_stages(path: Path) -> None:
     siblings = [load(p) for p in path.parent.glob("*.yaml") if p.name != "pipeline.yaml"]
     exported = {c["model"]["init_args"].get("sam_export_path") for c in siblings}
     last_checkpoints = {f"{callbacks(c)['LastStepCheckpoint']['dirpath']}/last.ckpt" for c in siblings}
-    model = config["model"]["init_args"]
-    for key in ("sam_path", "feature_sam_path"):
-        if model.get(key):
-            assert model[key] in exported, f"{key} {model[key]} is written by no config in {path.parent.name}"
+    loss = (config["model"]["init_args"].get("self_attention") or {}).get("init_args", {})
+    for key in ("sam", "feature_sam"):
+        if isinstance(loss.get(key), str):
+            assert loss[key] in exported, f"{key} {loss[key]} is written by no config in {path.parent.name}"
     regeneration = callbacks(config).get("PseudoLabelRegeneration")
     if regeneration is not None:
         assert regeneration["teacher_checkpoint"] in last_checkpoints

@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from uda_sam.cli.console import quiet_console
+from uda_sam.nn import SelfAttentionLoss, SelfAttentionModule
 from uda_sam.tasks import SelfTraining
 
 
@@ -70,12 +71,13 @@ def test_frozen_sam_raises_no_eval_mode_warning(
     tmp_path: Path, tiny_network, toy_datamodule, by_mistake: bool
 ) -> None:
     """The frozen SAM (eval mode on purpose) raises none; a module left in eval mode by mistake still does."""
-    task = SelfTraining(network=tiny_network(), lambda_sa=0.1, sam_use_conv=False, lr=1e-3)
+    no_conv = SelfAttentionLoss(SelfAttentionModule(19, use_conv=False), weight=0.1)
+    task = SelfTraining(network=tiny_network(), self_attention=no_conv, lr=1e-3)
     if by_mistake:
         task.extra = torch.nn.Linear(2, 2).eval()
-    assert task.sam is not None and not task.sam.training
+    assert no_conv.sam is not None and not no_conv.sam.training
     messages = [m for m in _fit_warnings(tmp_path, task, toy_datamodule()) if "in eval mode" in m]
     if by_mistake:
-        assert messages and messages[0].startswith(f"Found {len(list(task.sam.modules())) + 1} module(s)")
+        assert messages and messages[0].startswith(f"Found {len(list(no_conv.sam.modules())) + 1} module(s)")
     else:
         assert messages == []

@@ -21,7 +21,7 @@ from uda_sam.callbacks import DivergenceMonitor, LastStepCheckpoint, PseudoLabel
 from uda_sam.cli.lightning import UDASamCLI
 from uda_sam.data import Cityscapes
 from uda_sam.data.toy import make_toy_data
-from uda_sam.nn import DeepLabV2, SelfAttentionModule
+from uda_sam.nn import DeepLabV2, SelfAttentionLoss, SelfAttentionModule
 from uda_sam.nn.sam_io import save_sam
 from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 from uda_sam.tasks import SelfTraining
@@ -113,7 +113,11 @@ def test_self_training_bf16_on_cuda(tmp_path: Path, toy_datamodule: Any) -> None
     torch.save({"state_dict": {f"network.{k}": v for k, v in state.items()}}, teacher)
     sam = save_sam(SelfAttentionModule(19), tmp_path / "sam.pt")
     task = SelfTraining(
-        toy_network(), sam_path=str(sam), lambda_sa=1e-4, optimizer="adam", lr=1e-3, num_val_images_logged=0
+        toy_network(),
+        self_attention=SelfAttentionLoss(sam, weight=1e-4),
+        optimizer="adam",
+        lr=1e-3,
+        num_val_images_logged=0,
     )
     recorder = LossRecorder()
     trainer = Trainer(

@@ -55,7 +55,7 @@ def test_two_process_validation_equals_one(tmp_path: Path, tiny_network: Callabl
             num_workers=0,
             persistent_workers=False,
         )
-        trainer.validate(SelfTraining(network=network, lambda_sa=0.0), datamodule=datamodule)
+        trainer.validate(SelfTraining(network=network), datamodule=datamodule)
         results[devices] = json.loads(out.read_text())
     assert [results[d]["world_size"] for d in (1, 2)] == [1, 2]
     one, two = results[1]["metrics"], results[2]["metrics"]

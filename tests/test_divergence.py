@@ -11,8 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from uda_sam.callbacks import DivergenceError, DivergenceMonitor
-from uda_sam.nn import logit_norm
+from uda_sam.callbacks import DivergenceError, DivergenceMonitor, SelfAttentionLossCallback
+from uda_sam.nn import SelfAttentionLoss, SelfAttentionModule, logit_norm
 from uda_sam.tasks import SelfTraining
 
 
@@ -103,7 +103,7 @@ def test_bad_options(kwargs: dict[str, Any]) -> None:
 
 
 def test_self_training_logs_the_target_logit_norm(tiny_network) -> None:
-    task = SelfTraining(tiny_network(), lambda_sa=0.0)
+    task = SelfTraining(tiny_network())
     logged: dict[str, torch.Tensor] = {}
     task.log_dict = lambda values, **_: logged.update(values)  # type: ignore[method-assign]
     task.log = lambda name, value, **_: logged.update({name: value})  # type: ignore[method-assign]
@@ -126,8 +126,8 @@ def test_residual_loss_blow_up_stops_with_the_self_attention_cause(
     """Eq. (8) at a far too large lambda x learning rate: the logits run away and the monitor names the cause."""
     task = SelfTraining(
         tiny_network(),
-        sam_use_conv=False,  # a parameter-free SAM: no file needed
-        lambda_sa=1000.0,
+        # A parameter-free SAM ("No Conv"): no file needed.
+        self_attention=SelfAttentionLoss(SelfAttentionModule(19, use_conv=False), weight=1000.0),
         use_target=False,
         optimizer="sgd",
         lr=0.05,
@@ -148,6 +148,47 @@ def test_residual_loss_blow_up_stops_with_the_self_attention_cause(
     with pytest.raises(DivergenceError) as raised:
         trainer.fit(task, datamodule=toy_datamodule())
     message = str(raised.value)
-    assert "the self-attention terms dominate the loss (lambda_sa=1000.0)" in message
+    assert "the self-attention terms dominate the loss (SelfAttentionLoss.weight=1000.0)" in message
     assert "residual target (8)" in message and "loss_sa_source=" in message
     assert trainer.global_step < 100
+
+
+class ExplodingLogits(LightningModule):
+    """A host whose logits grow ``factor`` times per step after ``flat_steps`` steps; its own loss stays 1."""
+
+    def __init__(self, flat_steps: int = 6, factor: float = 10.0) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.flat_steps, self.factor = flat_steps, factor
+        self.pattern = torch.randn(1, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        scale = self.factor ** max(0, self.global_step - self.flat_steps + 1)
+        return {"loss": self.weight.square(), "sam_logits": self.weight * scale * self.pattern}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.zeros(64, 1), batch_size=1)
+
+
+def test_the_cause_comes_from_the_callbacks_loss_module(tmp_path: Path) -> None:
+    """The monitor finds the self-attention terms in the callback's SelfAttentionLoss, whatever they are logged as."""
+    callback = SelfAttentionLossCallback(
+        SelfAttentionModule(5, use_conv=False), weight=0.5, target="attended", log_name="train/my_term"
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, DivergenceMonitor(reference_steps=5)],
+    )
+    with pytest.raises(DivergenceError) as raised:
+        trainer.fit(ExplodingLogits())
+    message = str(raised.value)
+    assert "the self-attention terms dominate the loss (SelfAttentionLoss.weight=0.5)" in message
+    assert "residual target (8)" not in message  # the attended form (9) gets no advice about (8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TOY_SIZE, TOY_SOURCE_SIZE
 
-from uda_sam import SelfAttentionLoss, SelfAttentionModule, save_sam
+from uda_sam import SelfAttentionLossCallback, SelfAttentionModule, save_sam
 
 EXAMPLE = REPO_ROOT / "examples" / "mean_teacher"
 
@@ -54,8 +54,8 @@ def test_mean_teacher_trains_with_the_sam_loss_from_the_shipped_configs(
         f"--trainer.callbacks.init_args.sam={sam_file}",
     ]
     cli = load_example_cli().main(args=["fit", *args])
-    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, SelfAttentionLoss)]
-    assert len(callbacks) == 1 and callbacks[0].weight == 0.1
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, SelfAttentionLossCallback)]
+    assert len(callbacks) == 1 and callbacks[0].loss.weight == 0.1
     assert cli.trainer.global_step == 3
     metrics = cli.trainer.callback_metrics
     assert {"train/loss_sa", "train/loss_source", "train/loss_target", "val/mIoU"} <= set(metrics)
@@ -76,4 +76,4 @@ def test_mean_teacher_without_the_callback_ignores_the_logits(toy_root: Path, tm
     cli = load_example_cli().main(args=["fit", *example_args(toy_root, tmp_path / "run", steps=2)])
     assert cli.trainer.global_step == 2
     assert "train/loss_sa" not in cli.trainer.callback_metrics
-    assert not any(isinstance(c, SelfAttentionLoss) for c in cli.trainer.callbacks)
+    assert not any(isinstance(c, SelfAttentionLossCallback) for c in cli.trainer.callbacks)

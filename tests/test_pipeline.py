@@ -189,10 +189,11 @@ def test_bad_stage_argument_gives_one_message(
     tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = pipeline_file(tmp_path, toy_root)
-    assert main(["pipeline", "--config", str(path), "--args", "--model.init_args.lambda_sa=-1"]) == 2
+    args = ["--args", "--model.init_args.self_attention.weight=-1"]
+    assert main(["pipeline", "--config", str(path), *args]) == 2
     err = capsys.readouterr().err
-    message = "uda-sam pipeline: error: lambda_sa must be >= 0 (0 = Pseudo-Only), got -1.0"
-    assert err.count("lambda_sa must be") == 1 and err.strip().splitlines()[-1] == message
+    message = "uda-sam pipeline: error: SelfAttentionLoss: weight must be >= 0, got -1.0"
+    assert err.count("weight must be") == 1 and err.strip().splitlines()[-1] == message
     assert "Traceback" not in err and "Namespace(" not in err
 
 

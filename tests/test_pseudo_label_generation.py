@@ -208,7 +208,7 @@ def fit_with_regeneration(
     ckpt_path: str | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, SelfTraining]:
-    task = SelfTraining(network=network, lambda_sa=0.0, lr=1e-3)
+    task = SelfTraining(network=network, lr=1e-3)
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
@@ -372,7 +372,7 @@ def test_resume_from_last_checkpoint_is_exact(tmp_path: Path, toy_datamodule: Ca
             KillAt(kill_at),
         ]
         torch.manual_seed(0)
-        task = SelfTraining(network=DropoutNet(), lambda_sa=0.0, lr=1e-2)
+        task = SelfTraining(network=DropoutNet(), lr=1e-2)
         trainer = Trainer(
             accelerator="cpu",
             max_steps=8,

@@ -83,7 +83,7 @@ def fit(run: Path, datamodule: Any, kill_at: int | None = None) -> SelfTraining:
     """A target-supervised fit of 6 steps, resumed from ``run``'s last.ckpt when there is one."""
     last = run / "checkpoints" / "last.ckpt"
     torch.manual_seed(0)
-    task = SelfTraining(network=TinySegNet(), lambda_sa=0.0, lr=1e-2)
+    task = SelfTraining(network=TinySegNet(), lr=1e-2)
     trainer = Trainer(
         accelerator="cpu",
         max_steps=6,

@@ -83,7 +83,7 @@ def fit(run: Path, teacher: Path, datamodule: Any, kill_at: int | None = None) -
         OneThreadPerRank(),
     ]
     torch.manual_seed(0)
-    task = SelfTraining(network=TinySegNet(), lambda_sa=0.0, lr=1e-2)
+    task = SelfTraining(network=TinySegNet(), lr=1e-2)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,

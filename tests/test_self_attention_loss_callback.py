@@ -1,4 +1,4 @@
-"""SelfAttentionLoss: the self-attention loss added to a LightningModule that only exposes its logits."""
+"""SelfAttentionLossCallback: the self-attention loss added to a LightningModule that only exposes its logits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from uda_sam import SelfAttentionLoss, SelfAttentionModule, save_sam, segmentation_loss, self_attention_loss
+from uda_sam import (
+    SelfAttentionLossCallback,
+    SelfAttentionModule,
+    save_sam,
+    segmentation_loss,
+    self_attention_loss,
+)
 
 NUM_CLASSES = 5
 
@@ -79,7 +85,7 @@ def test_weight_zero_leaves_losses_and_gradients_untouched(tiny_network: Callabl
         Host(tiny_network(num_classes=NUM_CLASSES)),
     )
     fit(plain, [])
-    trainer = fit(monitored, [SelfAttentionLoss(trained_sam(), weight=0.0)])
+    trainer = fit(monitored, [SelfAttentionLossCallback(trained_sam(), weight=0.0)])
     assert monitored.backpropagated == plain.backpropagated
     for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -90,7 +96,7 @@ def test_loss_and_gradient_are_host_loss_plus_weighted_term(tiny_network: Callab
     network, sam, weight, lr = tiny_network(num_classes=NUM_CLASSES), trained_sam(), 0.5, 0.1
     reference = copy.deepcopy(network)
     host = Host(network, lr=lr)
-    fit(host, [SelfAttentionLoss(sam, weight=weight, target="attended", distance="kl")], steps=1)
+    fit(host, [SelfAttentionLossCallback(sam, weight=weight, target="attended", distance="kl")], steps=1)
 
     images, masks = make_data()[:2]
     logits = reference(images)
@@ -105,7 +111,7 @@ def test_loss_and_gradient_are_host_loss_plus_weighted_term(tiny_network: Callab
 
 def test_sam_stays_frozen_outside_the_host(tiny_network: Callable, tmp_path: Path) -> None:
     sam_file = save_sam(trained_sam(), tmp_path / "sam.pt")
-    callback = SelfAttentionLoss(str(sam_file), weight=0.1)
+    callback = SelfAttentionLossCallback(str(sam_file), weight=0.1)
     before = copy.deepcopy(callback.sam.state_dict())
     host = Host(tiny_network(num_classes=NUM_CLASSES))
     trainer = fit(host, [callback])
@@ -124,7 +130,7 @@ def test_sam_stays_frozen_outside_the_host(tiny_network: Callable, tmp_path: Pat
 def test_sam_follows_the_host_parameter_dtype(
     tiny_network: Callable, precision: str, sam_dtype: torch.dtype
 ) -> None:
-    callback = SelfAttentionLoss(trained_sam(), weight=0.1)
+    callback = SelfAttentionLossCallback(trained_sam(), weight=0.1)
     host = Host(tiny_network(num_classes=NUM_CLASSES))
     trainer = fit(host, [callback], steps=2, precision=precision)
     assert {p.dtype for p in callback.sam.parameters()} == {sam_dtype}
@@ -141,8 +147,8 @@ def test_list_of_logits_adds_one_term_each(tiny_network: Callable) -> None:
         Host(tiny_network(num_classes=NUM_CLASSES)),
         TwoDomains(tiny_network(num_classes=NUM_CLASSES)),
     )
-    fit(single, [SelfAttentionLoss(trained_sam(), weight=1.0)], steps=1)
-    fit(double, [SelfAttentionLoss(trained_sam(), weight=1.0)], steps=1)
+    fit(single, [SelfAttentionLossCallback(trained_sam(), weight=1.0)], steps=1)
+    fit(double, [SelfAttentionLossCallback(trained_sam(), weight=1.0)], steps=1)
     host_only = Host(tiny_network(num_classes=NUM_CLASSES))
     fit(host_only, [], steps=1)
     term = single.backpropagated[0] - host_only.backpropagated[0]
@@ -153,7 +159,7 @@ def test_list_of_logits_adds_one_term_each(tiny_network: Callable) -> None:
 def test_host_without_logits_fails_at_first_step_naming_the_hook(tiny_network: Callable) -> None:
     host = Host(tiny_network(num_classes=NUM_CLASSES), return_logits=False)
     with pytest.raises(ValueError, match=r"Host.training_step returned Tensor.*'sam_logits'"):
-        fit(host, [SelfAttentionLoss(trained_sam())], steps=1)
+        fit(host, [SelfAttentionLossCallback(trained_sam())], steps=1)
     assert host.backpropagated == []  # nothing was trained
     assert "training_step" not in vars(host)
 
@@ -164,10 +170,10 @@ def test_class_count_mismatch(tiny_network: Callable, tmp_path: Path) -> None:
     declared = Host(tiny_network(num_classes=7))
     declared.num_classes = 7
     with pytest.raises(ValueError, match=r"num_classes=7 .*sam.pt.* 5 classes"):
-        fit(declared, [SelfAttentionLoss(sam_file)], steps=1)
+        fit(declared, [SelfAttentionLossCallback(sam_file)], steps=1)
     # ... else at the first step, from the logits.
     with pytest.raises(ValueError, match=r"shape \(2, 7, 4, 8\).*sam.pt.*\(B, 5, h, w\)"):
-        fit(Host(tiny_network(num_classes=7)), [SelfAttentionLoss(sam_file)], steps=1)
+        fit(Host(tiny_network(num_classes=7)), [SelfAttentionLossCallback(sam_file)], steps=1)
 
 
 def test_manual_optimisation_is_refused_at_fit_start(tiny_network: Callable) -> None:
@@ -177,18 +183,20 @@ def test_manual_optimisation_is_refused_at_fit_start(tiny_network: Callable) -> 
             self.automatic_optimization = False
 
     with pytest.raises(ValueError, match="manual optimisation.*manual_backward"):
-        fit(Manual(tiny_network(num_classes=NUM_CLASSES)), [SelfAttentionLoss(trained_sam())], steps=1)
+        fit(
+            Manual(tiny_network(num_classes=NUM_CLASSES)), [SelfAttentionLossCallback(trained_sam())], steps=1
+        )
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        SelfAttentionLoss(tmp_path / "missing.pt")
+        SelfAttentionLossCallback(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="weight must be >= 0"):
-        SelfAttentionLoss(trained_sam(), weight=-1.0)
+        SelfAttentionLossCallback(trained_sam(), weight=-1.0)
     with pytest.raises(ValueError, match="target must be one of"):
-        SelfAttentionLoss(trained_sam(), target="both")  # type: ignore[arg-type]
+        SelfAttentionLossCallback(trained_sam(), target="both")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sam must be a path"):
-        SelfAttentionLoss(nn.Identity())  # type: ignore[arg-type]
+        SelfAttentionLossCallback(nn.Identity())  # type: ignore[arg-type]
 
 
 class SaveWeights(Callback):
@@ -220,7 +228,7 @@ def test_ddp_two_processes_match_one_process_with_the_double_batch(
             enable_progress_bar=False,
             enable_model_summary=False,
             use_distributed_sampler=devices == 2,
-            callbacks=[SelfAttentionLoss(trained_sam(), weight=1.0), SaveWeights(out)],
+            callbacks=[SelfAttentionLossCallback(trained_sam(), weight=1.0), SaveWeights(out)],
         )
         loader = DataLoader(make_data(), batch_size=batch_size, shuffle=False)
         trainer.fit(Host(tiny_network(num_classes=NUM_CLASSES)), loader)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from uda_sam.callbacks import PredictionWriter
 from uda_sam.data.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
-from uda_sam.nn import SelfAttentionModule, segmentation_loss
+from uda_sam.nn import SelfAttentionLoss, SelfAttentionModule, segmentation_loss
 from uda_sam.nn.sam_io import network_state_dict, save_sam
 from uda_sam.tasks import SAMPretraining, SegmentationTask, SelfTraining
 from uda_sam.tasks.optim import lr_factor
@@ -85,35 +85,33 @@ def capture_losses(task: SegmentationTask) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ loss terms
 @pytest.mark.parametrize(
-    ("sa_target", "sa_domains"),
+    ("target", "domains"),
     [("residual", "both"), ("attended", "both"), ("residual", "target"), ("attended", "target")],
 )
-def test_self_training_loss_matches_method(
-    tmp_path: Path, tiny_network, sa_target: str, sa_domains: str
-) -> None:
+def test_self_training_loss_matches_method(tmp_path: Path, tiny_network, target: str, domains: str) -> None:
     path = sam_file(tmp_path / "sam.pt")
-    task = SelfTraining(
-        tiny_network(), sam_path=str(path), lambda_sa=0.1, sa_target=sa_target, sa_domains=sa_domains
-    )
+    loss = SelfAttentionLoss(path, weight=0.1, target=target, domains=domains)  # type: ignore[arg-type]
+    task = SelfTraining(tiny_network(), self_attention=loss)
     captured = capture_losses(task)
     batch = fake_batch()
     total = task.training_step(batch, 0)
 
-    net, sam = task.network, task.sam
+    net, sam = task.network, loss.sam
+    assert sam is not None
     src, tgt = batch["source"], batch["target"]
     p_s, p_t = net(src["image"]), net(tgt["image"])
 
     def l_sa(p: torch.Tensor) -> torch.Tensor:  # eq. (8) / (9): MSE to the detached SAM target
         with torch.no_grad():
-            goal = p + sam(p) if sa_target == "residual" else sam(p)
+            goal = p + sam(p) if target == "residual" else sam(p)
         return ((p - goal) ** 2).mean()
 
     seg_s = segmentation_loss(up(p_s, src["mask"]), src["mask"])
     seg_t = segmentation_loss(up(p_t, tgt["mask"]), tgt["mask"])
-    attention = l_sa(p_t) + (l_sa(p_s) if sa_domains == "both" else 0.0)
+    attention = l_sa(p_t) + (l_sa(p_s) if domains == "both" else 0.0)
     torch.testing.assert_close(total, seg_s + seg_t + 0.1 * attention)
     expected_terms = {"loss_seg_source", "loss_seg_target", "loss_sa_target"} | (
-        {"loss_sa_source"} if sa_domains == "both" else set()
+        {"loss_sa_source"} if domains == "both" else set()
     )
     assert set(captured["terms"]) == expected_terms
     torch.testing.assert_close(captured["terms"]["loss_sa_target"], l_sa(p_t))
@@ -125,8 +123,8 @@ def test_self_training_loss_matches_method(
 def test_pseudo_only_and_no_pseudo_losses(tmp_path: Path, tiny_network) -> None:
     batch = fake_batch(1)
     src, tgt = batch["source"], batch["target"]
-    pseudo_only = SelfTraining(tiny_network(), lambda_sa=0.0)
-    assert pseudo_only.sam is None
+    pseudo_only = SelfTraining(tiny_network())
+    assert pseudo_only.self_attention is None
     captured = capture_losses(pseudo_only)
     total = pseudo_only.training_step(batch, 0)
     net = pseudo_only.network
@@ -136,7 +134,7 @@ def test_pseudo_only_and_no_pseudo_losses(tmp_path: Path, tiny_network) -> None:
     torch.testing.assert_close(total, expected)
     assert set(captured["terms"]) == {"loss_seg_source", "loss_seg_target"}
 
-    no_pseudo = SelfTraining(tiny_network(), lambda_sa=0.0, use_target=False)
+    no_pseudo = SelfTraining(tiny_network(), use_target=False)
     captured = capture_losses(no_pseudo)
     total = no_pseudo.training_step({"source": src}, 0)  # the target batch is not needed
     torch.testing.assert_close(
@@ -148,15 +146,15 @@ def test_pseudo_only_and_no_pseudo_losses(tmp_path: Path, tiny_network) -> None:
 @pytest.mark.parametrize("distance", ["kl", "cosine"])
 def test_self_training_distance_variants(tmp_path: Path, tiny_network, distance: str) -> None:
     path = sam_file(tmp_path / "sam.pt")
-    task = SelfTraining(
-        tiny_network(), sam_path=str(path), sa_distance=distance, sa_domains="target", use_target=False
-    )
+    loss = SelfAttentionLoss(path, distance=distance, domains="target")  # type: ignore[arg-type]
+    task = SelfTraining(tiny_network(), self_attention=loss, use_target=False)
     captured = capture_losses(task)
     batch = fake_batch(2)
     total = task.training_step(batch, 0)
     p = task.network(batch["target"]["image"])
+    assert loss.sam is not None
     with torch.no_grad():
-        goal = p + task.sam(p)
+        goal = p + loss.sam(p)
     if distance == "kl":  # KL(softmax(P~_i) || softmax(P_i)) per pixel row
         q = goal.softmax(1)
         expected = (q * (goal.log_softmax(1) - p.log_softmax(1))).sum(1).mean()
@@ -169,25 +167,22 @@ def test_self_training_distance_variants(tmp_path: Path, tiny_network, distance:
     torch.testing.assert_close(total, seg_s + 0.1 * expected)
 
 
-@pytest.mark.parametrize("sa_layer", ["feature", "both"])
-def test_self_training_feature_layer(tmp_path: Path, tiny_network, sa_layer: str) -> None:
+@pytest.mark.parametrize("layer", ["feature", "both"])
+def test_self_training_feature_layer(tmp_path: Path, tiny_network, layer: str) -> None:
     feature_path = sam_file(tmp_path / "feature_sam.pt", channels=8, layer="feature", seed=3)
-    sam_path = str(sam_file(tmp_path / "sam.pt")) if sa_layer == "both" else None
-    task = SelfTraining(
-        tiny_network(),
-        sam_path=sam_path,
-        sa_layer=sa_layer,
-        feature_sam_path=str(feature_path),
-        sa_domains="target",
-    )
+    sam_path = str(sam_file(tmp_path / "sam.pt")) if layer == "both" else None
+    loss = SelfAttentionLoss(sam_path, layer=layer, feature_sam=str(feature_path), domains="target")  # type: ignore[arg-type]
+    task = SelfTraining(tiny_network(), self_attention=loss)
     captured = capture_losses(task)
     batch = fake_batch(3)
     task.training_step(batch, 0)
     logits, features = task.network(batch["target"]["image"], return_features=True)
+    assert loss.feature_sam is not None
     with torch.no_grad():
-        expected = F.mse_loss(features, features + task.feature_sam(features))
-        if sa_layer == "both":
-            expected = expected + F.mse_loss(logits, logits + task.sam(logits))
+        expected = F.mse_loss(features, features + loss.feature_sam(features))
+        if layer == "both":
+            assert loss.sam is not None
+            expected = expected + F.mse_loss(logits, logits + loss.sam(logits))
     torch.testing.assert_close(captured["terms"]["loss_sa_target"], expected)
 
 
@@ -218,22 +213,25 @@ class ModeCheck(Callback):
         self.calls = 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        assert pl_module.network.training and not pl_module.sam.training  # type: ignore[union-attr]
+        sam = pl_module.self_attention.sam  # type: ignore[union-attr]
+        assert pl_module.network.training and pl_module.self_attention.training and not sam.training
         self.calls += 1
 
 
 def test_sam_frozen_bit_identical(tmp_path: Path, tiny_network, toy_datamodule) -> None:
-    task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")))
-    sam_before, net_before = state_copy(task.sam), state_copy(task.network)
+    task = SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(sam_file(tmp_path / "sam.pt")))
+    sam = task.self_attention.sam
+    assert sam is not None
+    sam_before, net_before = state_copy(sam), state_copy(task.network)
     check = ModeCheck()
     make_trainer(tmp_path, max_steps=2, callbacks=[check], limit_val_batches=1, val_check_interval=2).fit(
         task, datamodule=toy_datamodule()
     )
     assert check.calls == 2
-    assert_same_state(sam_before, state_copy(task.sam))
+    assert_same_state(sam_before, state_copy(sam))
     assert not all(torch.equal(net_before[k], v) for k, v in state_copy(task.network).items())
     optimised = {id(p) for g in task.trainer.optimizers[0].param_groups for p in g["params"]}
-    assert not optimised & {id(p) for p in task.sam.parameters()}
+    assert not optimised & {id(p) for p in sam.parameters()}
 
 
 # ------------------------------------------------------------------------------ schedule and resume
@@ -283,7 +281,7 @@ def test_start_new_generation_resets(
 ) -> None:
     generation = NewGeneration(at_step=2, reinitialize=reinitialize)
     recorder = LRRecorder()
-    task = SelfTraining(tiny_network(), lambda_sa=0.0, lr=0.01, schedule_steps=4)
+    task = SelfTraining(tiny_network(), lr=0.01, schedule_steps=4)
     make_trainer(tmp_path, max_steps=4, callbacks=[generation, recorder]).fit(
         task, datamodule=toy_datamodule()
     )
@@ -299,7 +297,7 @@ def test_resume_continues_step_and_schedule(tmp_path: Path, tiny_network, toy_da
         checkpoints = ModelCheckpoint(
             dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}"
         )
-        task = SelfTraining(tiny_network(), lambda_sa=0.0, lr=0.01)
+        task = SelfTraining(tiny_network(), lr=0.01)
         trainer = make_trainer(
             root,
             max_steps=5,
@@ -363,26 +361,56 @@ def test_sam_export_round_trip(tmp_path: Path, tiny_network, toy_datamodule) -> 
         trained["transform.weight"], initial_sam["transform.weight"]
     )  # the SAM was trained
 
-    from_file = SelfTraining(tiny_network(seed=5), sam_path=str(exported))
-    from_ckpt = SelfTraining(tiny_network(seed=5), sam_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    from_file = SelfAttentionLoss(exported)
+    from_ckpt = SelfAttentionLoss(str(tmp_path / "ckpt" / "last.ckpt"))
+    assert from_file.sam is not None and from_ckpt.sam is not None
     assert_same_state(trained, state_copy(from_file.sam))
     assert_same_state(trained, state_copy(from_ckpt.sam))
     assert_same_state(state_copy(task.network), network_state_dict(tmp_path / "ckpt" / "last.ckpt"))
 
 
 def test_no_conv_sam_needs_no_file(tiny_network) -> None:
-    task = SelfTraining(tiny_network(), sam_use_conv=False)
-    assert task.sam is not None and not task.sam.use_conv and not list(task.sam.parameters())
+    task = SelfTraining(
+        tiny_network(), self_attention=SelfAttentionLoss(SelfAttentionModule(19, use_conv=False))
+    )
+    sam = task.self_attention.sam  # type: ignore[union-attr]
+    assert sam is not None and not sam.use_conv and not list(sam.parameters())
+
+
+def test_self_training_checkpoint_resumes_and_serves_as_sam_file(
+    tmp_path: Path, tiny_network, toy_datamodule
+) -> None:
+    loss = SelfAttentionLoss(sam_file(tmp_path / "sam.pt"))
+    task = SelfTraining(tiny_network(), self_attention=loss)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
+        task, datamodule=toy_datamodule()
+    )
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["self_attention"]["weight"] == 0.1
+    assert {k for k in checkpoint["state_dict"] if "sam" in k} == {
+        "self_attention.sam.transform.weight",
+        "self_attention.sam.transform.bias",
+    }
+    reloaded = SelfAttentionLoss(str(tmp_path / "ckpt" / "last.ckpt")).sam
+    assert loss.sam is not None and reloaded is not None
+    assert_same_state(state_copy(loss.sam), state_copy(reloaded))
+    # A stage-2 checkpoint resumes: its frozen SAM loads back into the configured loss.
+    resumed = SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(sam_file(tmp_path / "sam.pt")))
+    make_trainer(tmp_path, max_steps=2).fit(
+        resumed, datamodule=toy_datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert resumed.global_step == 2
 
 
 @pytest.mark.parametrize(
     ("case", "error", "match"),
     [
-        ("missing", FileNotFoundError, r"sam_path: .*missing\.pt does not exist"),
-        ("other_classes", ValueError, r"sam_path: .*5 input channels.*19 classes"),
-        ("network_checkpoint", ValueError, r"sam_path: .*not a SAM file nor a SAM checkpoint"),
-        ("not_torch", ValueError, r"sam_path: cannot read"),
-        ("feature_sam", ValueError, r"sam_path: .*'feature' layer"),
+        ("missing", FileNotFoundError, r"SelfAttentionLoss\.sam: .*missing\.pt does not exist"),
+        ("other_classes", ValueError, r"SelfAttentionLoss\.sam: .*5 input channels.*19 classes"),
+        ("network_checkpoint", ValueError, r"SelfAttentionLoss\.sam: .*not a SAM file nor a SAM checkpoint"),
+        ("not_torch", ValueError, r"SelfAttentionLoss\.sam: cannot read"),
+        ("feature_sam", ValueError, r"SelfAttentionLoss\.sam: .*'feature' layer"),
     ],
 )
 def test_bad_sam_path(tmp_path: Path, tiny_network, case: str, error: type[Exception], match: str) -> None:
@@ -396,22 +424,44 @@ def test_bad_sam_path(tmp_path: Path, tiny_network, case: str, error: type[Excep
     elif case == "feature_sam":
         sam_file(path, channels=8, layer="feature")
     with pytest.raises(error, match=match):
-        SelfTraining(tiny_network(), sam_path=str(path))
+        SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(str(path)))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"sa_target": "residuals"}, r"sa_target must be one of \['residual', 'attended'\]"),
-        ({"sa_domains": "source"}, "sa_domains"),
-        ({"sa_distance": "l1"}, "sa_distance"),
-        ({"sa_layer": "logits"}, "sa_layer"),
-        ({"lambda_sa": -1.0}, "lambda_sa"),
-        ({"lambda_sa": 0.1}, "needs sam_path"),
-        ({"sa_layer": "feature"}, "needs feature_sam_path"),
-        ({"sam_use_conv": False, "sam_path": "sam.pt"}, "remove sam_path"),
-        ({"optimizer": "rmsprop", "lambda_sa": 0.0}, "optimizer must be one of"),
-        ({"val_class_subsets": ["12"], "lambda_sa": 0.0}, "val_class_subsets"),
+        ({"target": "residuals"}, r"SelfAttentionLoss.target must be one of \['residual', 'attended'\]"),
+        ({"domains": "source"}, "SelfAttentionLoss.domains"),
+        ({"distance": "l1"}, "SelfAttentionLoss.distance"),
+        ({"layer": "logits"}, "SelfAttentionLoss.layer"),
+        ({"weight": -1.0}, "SelfAttentionLoss: weight must be >= 0"),
+        ({}, r"SelfAttentionLoss.sam is required with layer='prediction'"),
+        (
+            {"layer": "feature", "sam": "sam.pt"},
+            r"SelfAttentionLoss.feature_sam is required with layer='feature'",
+        ),
+        ({"sam": 19}, "SelfAttentionLoss.sam must be a path"),
+    ],
+)
+def test_bad_self_attention_options(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SelfAttentionLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"val_class_subsets": ["12"]}, "val_class_subsets"),
+        ({"use_source": False, "use_target": False}, "nothing to train on"),
+        (
+            {"self_attention": SelfAttentionModule(19)},
+            "self_attention must be a uda_sam.nn.SelfAttentionLoss",
+        ),
+        (
+            {"self_attention": SelfAttentionLoss(feature_sam=SelfAttentionModule(5), layer="feature")},
+            "SelfAttentionLoss.feature_sam: .*5 input channels.*network has 8 feature channels",
+        ),
     ],
 )
 def test_bad_options(tiny_network, kwargs: dict[str, Any], match: str) -> None:
@@ -439,12 +489,12 @@ def test_a_network_outside_the_contract_is_refused(network: torch.nn.Module) -> 
     with pytest.raises(ValueError, match=r"network must be a uda_sam\.nn\.SegmentationNetwork .*; got .*"):
         SegmentationTask(network)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="SegmentationNetwork"):
-        SelfTraining(network, lambda_sa=0.0)  # type: ignore[arg-type]
+        SelfTraining(network)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ evaluation and media
 def test_validation_logs_miou_subsets(tmp_path: Path, tiny_network, toy_datamodule) -> None:
-    task = SelfTraining(tiny_network(), lambda_sa=0.0, val_class_subsets=["16", "13"])
+    task = SelfTraining(tiny_network(), val_class_subsets=["16", "13"])
     trainer = make_trainer(tmp_path, limit_val_batches=None)
     trainer.validate(task, datamodule=toy_datamodule(target_size=(32, 16)))
     metrics = trainer.callback_metrics
@@ -524,7 +574,7 @@ def test_predict_writes_label_id_and_color_pngs(
 
 
 def test_bf16_mixed_step(tmp_path: Path, tiny_network, toy_datamodule) -> None:
-    task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")))
+    task = SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(sam_file(tmp_path / "sam.pt")))
     trainer = make_trainer(tmp_path, max_steps=1, precision="bf16-mixed", log_every_n_steps=1)
     trainer.fit(task, datamodule=toy_datamodule())
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
@@ -541,7 +591,7 @@ def test_logged_learning_rate_is_the_one_of_the_written_step(
     from lightning.pytorch.loggers import CSVLogger
 
     recorder = LRRecorder()
-    task = SelfTraining(tiny_network(), lambda_sa=0.0, lr=0.01, schedule_steps=12)
+    task = SelfTraining(tiny_network(), lr=0.01, schedule_steps=12)
     trainer = make_trainer(
         tmp_path,
         max_steps=12,
@@ -568,24 +618,24 @@ def test_checkpoint_for_a_prediction_without_the_frozen_sam(
 ) -> None:
     """Checkpoints hold the network's configuration; a SelfTraining built for a prediction (no SAM, no file)
     predicts from a checkpoint with a frozen SAM as the trained task does; only a prediction drops the SAM's weights."""
-    task = SelfTraining(tiny_network(), sam_path=str(sam_file(tmp_path / "sam.pt")), lambda_sa=0.1)
+    task = SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(str(sam_file(tmp_path / "sam.pt")), weight=0.1))
     task.network_config = {"class_path": "conftest.TinySegNet", "init_args": {"feature_channels": 8}}
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.fit(task, datamodule=toy_datamodule())
     trainer.save_checkpoint(tmp_path / "ours.ckpt")
     saved = torch.load(tmp_path / "ours.ckpt", weights_only=True)
     assert saved["uda_sam"]["network"] == task.network_config
-    assert any(key.startswith("sam.") for key in saved["state_dict"])
+    assert any(key.startswith("self_attention.sam.") for key in saved["state_dict"])
 
     predictor = SelfTraining(tiny_network(seed=5), **SelfTraining.prediction_overrides())
-    assert predictor.sam is None and predictor.feature_sam is None
+    assert predictor.self_attention is None
     ckpt = str(tmp_path / "ours.ckpt")
     predicted = make_trainer(tmp_path).predict(predictor, datamodule=toy_datamodule(), ckpt_path=ckpt)
     expected = make_trainer(tmp_path).predict(task, datamodule=toy_datamodule())
     assert predicted is not None and expected is not None
     for ours, theirs in zip(predicted, expected, strict=True):
         assert torch.equal(ours["pred"], theirs["pred"])
-    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*sam\."):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*self_attention\.sam\."):
         make_trainer(tmp_path, limit_test_batches=1).test(
             predictor, datamodule=toy_datamodule(), ckpt_path=ckpt
         )

@@ -115,7 +115,7 @@ def test_a_full_disk_while_writing_last_ckpt(
             plugins=[AtomicCheckpointIO()] if writer == "atomic" else None,
             default_root_dir=str(tmp_path),
         )
-        task = SelfTraining(network=TinySegNet(), lambda_sa=0.0, use_target=False)
+        task = SelfTraining(network=TinySegNet(), use_target=False)
         trainer.fit(task, datamodule=toy_datamodule(), ckpt_path=ckpt_path)
         return trainer
 

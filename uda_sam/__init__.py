@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         LastStepCheckpoint,
         PredictionWriter,
         PseudoLabelRegeneration,
-        SelfAttentionLoss,
+        SelfAttentionLossCallback,
     )
     from uda_sam.data import (
         CLASS_NAMES,
@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         DilatedFCN,
         FCN8s,
         SegmentationNetwork,
+        SelfAttentionLoss,
         SelfAttentionModule,
         load_network_weights,
         load_sam,
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 _EXPORTS: dict[str, str] = {
     # The self-attention module and its losses (plain PyTorch).
     "SelfAttentionModule": "uda_sam.nn",
+    "SelfAttentionLoss": "uda_sam.nn",
     "self_attention_loss": "uda_sam.nn",
     "segmentation_loss": "uda_sam.nn",
     "logit_norm": "uda_sam.nn",
@@ -113,7 +115,7 @@ _EXPORTS: dict[str, str] = {
     "SegmentationTask": "uda_sam.tasks",
     "SAMPretraining": "uda_sam.tasks",
     "SelfTraining": "uda_sam.tasks",
-    "SelfAttentionLoss": "uda_sam.callbacks",
+    "SelfAttentionLossCallback": "uda_sam.callbacks",
     "PseudoLabelRegeneration": "uda_sam.callbacks",
     "PredictionWriter": "uda_sam.callbacks",
     "EntropyAnalysisCallback": "uda_sam.callbacks",
@@ -125,6 +127,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "__version__",
     "SelfAttentionModule",
+    "SelfAttentionLoss",
     "self_attention_loss",
     "segmentation_loss",
     "logit_norm",
@@ -154,7 +157,7 @@ __all__ = [
     "SegmentationTask",
     "SAMPretraining",
     "SelfTraining",
-    "SelfAttentionLoss",
+    "SelfAttentionLossCallback",
     "PseudoLabelRegeneration",
     "PredictionWriter",
     "EntropyAnalysisCallback",

@@ -4,7 +4,7 @@ The student learns from source labels and from the soft predictions of an expone
 on target images it sees with photometric noise (in the spirit of ProDA's distillation stage and DACS). It uses
 uda-sam only as a library: the network, the datamodule, the losses and the metrics.
 
-Its one concession to :class:`uda_sam.callbacks.SelfAttentionLoss` is the return value of ``training_step``:
+Its one concession to :class:`uda_sam.callbacks.SelfAttentionLossCallback` is the return value of ``training_step``:
 ``{"loss": loss, "sam_logits": logits_t}``. Without the callback that key is simply unused.
 """
 
@@ -49,7 +49,7 @@ class MeanTeacher(pl.LightningModule):
             load_network_weights(network, init_checkpoint, option="init_checkpoint")
         self.student = network
         self.teacher = copy.deepcopy(network).requires_grad_(False).eval()
-        self.num_classes = int(network.num_classes)  # lets SelfAttentionLoss check its SAM at fit start
+        self.num_classes = int(network.num_classes)  # lets the SAM loss callback check its SAM at fit start
         self.val_metrics = SegmentationMetrics(
             self.num_classes, class_subsets={"19": range(self.num_classes)}
         )
@@ -77,7 +77,7 @@ class MeanTeacher(pl.LightningModule):
         batch_size = len(source["image"])
         self.log("train/loss_source", loss_source.detach(), batch_size=batch_size)
         self.log("train/loss_target", loss_target.detach(), batch_size=batch_size)
-        # The only line SelfAttentionLoss needs: the pre-upsample target logits next to the loss.
+        # The only line SelfAttentionLossCallback needs: the pre-upsample target logits next to the loss.
         return {"loss": loss, "sam_logits": logits_t}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -8,7 +8,7 @@ from uda_sam.callbacks.divergence import DivergenceError, DivergenceMonitor
 from uda_sam.callbacks.entropy import EntropyAnalysisCallback
 from uda_sam.callbacks.prediction_writer import PredictionWriter
 from uda_sam.callbacks.pseudo_labels import PseudoLabelRegeneration
-from uda_sam.callbacks.self_attention_loss import SelfAttentionLoss
+from uda_sam.callbacks.self_attention_loss import SelfAttentionLossCallback
 
 __all__ = [
     "AttentionVisualization",
@@ -18,5 +18,5 @@ __all__ = [
     "LastStepCheckpoint",
     "PredictionWriter",
     "PseudoLabelRegeneration",
-    "SelfAttentionLoss",
+    "SelfAttentionLossCallback",
 ]

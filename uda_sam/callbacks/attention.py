@@ -25,6 +25,7 @@ from uda_sam.evaluation.analysis import (
     similarity_matrices,
 )
 from uda_sam.media import find_wandb_logger
+from uda_sam.nn import SelfAttentionLoss
 
 __all__ = ["AttentionVisualization"]
 
@@ -69,8 +70,8 @@ class AttentionVisualization(Callback):
     For each of the first ``num_images`` validation images of ``trainer.datamodule`` and each class in ``classes``:
     the pixel predicted as the class with the highest confidence, and the map of ``relu(cos)`` between its logit row
     and every pixel's, over the image, for the network's logits ``P`` and (when the module has a prediction-layer
-    ``sam``, e.g. :class:`~uda_sam.tasks.SAMPretraining` or :class:`~uda_sam.tasks.SelfTraining` with
-    ``lambda_sa > 0``) for ``P~ = P + SAM(P)`` (``SAM(P)`` when the module's ``skip_connection`` is False). A class
+    ``sam``, e.g. :class:`~uda_sam.tasks.SAMPretraining` or :class:`~uda_sam.tasks.SelfTraining` with a
+    ``self_attention`` loss) for ``P~ = P + SAM(P)`` (``SAM(P)`` when the module's ``skip_connection`` is False). A class
     the network predicts nowhere in an image is shown as the plain image with a note in the caption.
 
     With ``log_similarity``, the pixel-wise similarity (eq. 13) of the logits next to that of the one-hot ground
@@ -152,8 +153,12 @@ class AttentionVisualization(Callback):
 
     @staticmethod
     def _prediction_sam(pl_module: LightningModule, network: nn.Module) -> nn.Module | None:
-        """The module's SAM if it works on the logits (not the feature-layer variant)."""
+        """The module's SAM if it works on the logits (not the feature-layer variant): its own (SAMPretraining) or
+        that of its self-attention loss (SelfTraining)."""
         sam = getattr(pl_module, "sam", None)
+        loss = getattr(pl_module, "self_attention", None)
+        if isinstance(loss, SelfAttentionLoss):
+            sam = loss.sam
         if not isinstance(sam, nn.Module) or getattr(pl_module, "layer", "prediction") != "prediction":
             return None
         if getattr(sam, "num_classes", None) != getattr(network, "num_classes", None):

@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from uda_sam.callbacks.self_attention_loss import SelfAttentionLossCallback
 from uda_sam.checks import check_choice
+from uda_sam.nn import SelfAttentionLoss
 
 __all__ = ["DivergenceError", "DivergenceMonitor"]
 
@@ -29,7 +31,7 @@ class DivergenceMonitor(Callback):
     The reference of each watched value is the median of its first ``reference_steps`` steps of the fit (kept in
     checkpoints, so a resumed run keeps its reference). A step diverges when the loss is not finite, or the loss
     exceeds ``max_loss_growth`` times its reference, or ``train/logit_norm`` (the mean L2 norm of a pixel's logit
-    row, logged by the package's tasks and by :class:`~uda_sam.callbacks.SelfAttentionLoss`) exceeds
+    row, logged by the package's tasks and by :class:`~uda_sam.callbacks.SelfAttentionLossCallback`) exceeds
     ``max_logit_norm_growth`` times its reference. Healthy runs stay far inside these bounds: the loss falls from
     its first values, and the logit norm grows a few times as the network grows confident.
 
@@ -185,30 +187,39 @@ class DivergenceMonitor(Callback):
             f"Training diverged: {what}.",
             f"  loss terms: {listed}",
             f"  logit norm ({self.logit_norm_key}): {'not logged' if norm is None else f'{norm:.4g}'}",
-            f"  likely cause: {self._likely_cause(trainer, terms)}",
+            f"  likely cause: {self._likely_cause(trainer, loss)}",
             "  The last checkpoint on disk was written before this step. To only warn, set "
             "DivergenceMonitor.action: warn.",
         ]
         return "\n".join(lines)
 
     @staticmethod
-    def _likely_cause(trainer: pl.Trainer, terms: dict[str, float]) -> str:
-        attention = [v for k, v in terms.items() if "loss_sa" in k]
-        segmentation = sum(v for k, v in terms.items() if "loss_seg" in k)
-        module = trainer.lightning_module
-        weight = getattr(module, "lambda_sa", None)
-        if attention and (not all(map(math.isfinite, attention)) or sum(attention) > segmentation):
-            target = getattr(module, "sa_target", "residual")
+    def _self_attention_losses(trainer: pl.Trainer) -> list[SelfAttentionLoss]:
+        """The self-attention losses of the run: those inside the LightningModule (e.g. ``SelfTraining``'s
+        ``self_attention``) and those of :class:`~uda_sam.callbacks.SelfAttentionLossCallback` callbacks."""
+        losses = [m for m in trainer.lightning_module.modules() if isinstance(m, SelfAttentionLoss)]
+        losses += [c.loss for c in trainer.callbacks if isinstance(c, SelfAttentionLossCallback)]
+        return losses
+
+    def _likely_cause(self, trainer: pl.Trainer, loss: float) -> str:
+        """A self-attention loss whose last terms are not finite or, unweighted, exceed the rest of ``loss``; else
+        the segmentation loss."""
+        for attention in self._self_attention_losses(trainer):
+            terms = [float(term) for term in attention.last_terms.values()]
+            rest = loss - attention.weight * sum(terms)
+            # A non-finite rest (the segmentation loss blew up) does not make the finite terms dominate.
+            if not terms or (all(map(math.isfinite, terms)) and not sum(terms) > rest):
+                continue
             advice = (
                 "the residual target (8) pulls the logits towards P + SAM(P), a target that grows with them, and "
                 "cross-entropy does not oppose a shift shared by all classes; "
-                if target == "residual"
+                if attention.target == "residual"
                 else ""
             )
             return (
-                f"the self-attention terms dominate the loss{f' (lambda_sa={weight})' if weight is not None else ''}: "
-                f"{advice}lower model.init_args.lambda_sa (its stable range shrinks as the learning rate grows), "
-                "lower the learning rate, or use sa_target: attended (9); see the README's 'Watching a run'"
+                f"the self-attention terms dominate the loss (SelfAttentionLoss.weight={attention.weight}): "
+                f"{advice}lower its weight (its stable range shrinks as the learning rate grows), lower the "
+                "learning rate, or use target: attended (9); see the README's 'Watching a run'"
             )
         return (
             "the segmentation loss itself diverged: lower model.init_args.lr (or use a warm-up), check the labels "

@@ -333,7 +333,7 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
             banner(f"{setting.name}, generation {generation}")
             wiring = list(common)
             if setting.uses_sam:
-                wiring.append(f"--model.init_args.sam_path={sam_file}")
+                wiring.append(f"--model.init_args.self_attention.init_args.sam={sam_file}")
             stage_dir = seed_dir / _slug(setting.name) / f"generation_{generation}"
             result = run_stage(
                 f"{setting.name} gen {generation}",

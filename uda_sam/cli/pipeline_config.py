@@ -173,7 +173,7 @@ def config_value(stage: StageConfig, dotted: str, default: Any, extra_args: Sequ
 
     Args:
         stage: The stage whose ``config`` files, then ``args``, are read.
-        dotted: The key, e.g. ``"model.init_args.lambda_sa"``.
+        dotted: The key, e.g. ``"model.init_args.self_attention"``.
         default: The value when no file or argument gives one.
         extra_args: Arguments read after the stage's own (``--key=value``; a value may be YAML).
     """
@@ -209,12 +209,12 @@ def _check_consistency(config: PipelineConfig, path: Path) -> None:
     if len(set(counts.values())) > 1:
         raise PipelineConfigError(f"{path}: the stages disagree on the number of classes: {counts}")
     for setting in config.settings:
-        lambda_sa = float(config_value(setting, "model.init_args.lambda_sa", 0.0) or 0.0)
-        # "No Conv" uses a parameter-free SAM: it needs no trained SAM file.
-        trained_sam = config_value(setting, "model.init_args.sam_use_conv", True) is not False
-        setting.uses_sam = setting.uses_sam or (lambda_sa > 0 and trained_sam)
+        self_attention = config_value(setting, "model.init_args.self_attention", None)
+        # "No Conv" uses a parameter-free SAM (a SelfAttentionModule given in the config): it needs no trained file.
+        sam = config_value(setting, "model.init_args.self_attention.init_args.sam", None)
+        setting.uses_sam = setting.uses_sam or (self_attention is not None and not isinstance(sam, dict))
         if setting.uses_sam and config.sam_pretraining is None:
             raise PipelineConfigError(
-                f"{path}: setting {setting.name!r} uses the self-attention loss (lambda_sa={lambda_sa}) but the "
-                "pipeline has no `sam_pretraining` stage to train the SAM"
+                f"{path}: setting {setting.name!r} uses the self-attention loss (model.init_args.self_attention) but "
+                "the pipeline has no `sam_pretraining` stage to train the SAM"
             )

@@ -5,7 +5,7 @@ Every segmentation network implements :class:`SegmentationNetwork` (:mod:`uda_sa
 tasks rely on; each reads its own weights files (:mod:`uda_sam.nn.deeplabv2_files`, :mod:`uda_sam.nn.fcn8s_files`).
 
 Nothing here imports Lightning or the data code, so ``from uda_sam.nn import SelfAttentionModule,
-self_attention_loss`` works inside any PyTorch project.
+SelfAttentionLoss, self_attention_loss`` works inside any PyTorch project.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .sam import (
     relu_cosine_similarity,
 )
 from .sam_io import load_network_weights, load_sam, network_state_dict, save_sam
+from .sam_loss import SelfAttentionLoss, SelfAttentionTerms
 
 __all__ = [
     "AUTO_FULL_MAX_BYTES",
@@ -39,7 +40,9 @@ __all__ = [
     "DilatedResNet",
     "FCN8s",
     "SegmentationNetwork",
+    "SelfAttentionLoss",
     "SelfAttentionModule",
+    "SelfAttentionTerms",
     "attention_map",
     "build_vgg16_features",
     "load_deeplab_state_dict",

@@ -182,7 +182,7 @@ def load_sam(
     path: str | os.PathLike[str],
     expected_channels: int | None = None,
     layer: Literal["prediction", "feature"] = "prediction",
-    option: str = "sam_path",
+    option: str = "sam",
 ) -> SelfAttentionModule:
     """Rebuild a SAM from an exported file or from a SAMPretraining Lightning checkpoint.
 
@@ -191,7 +191,7 @@ def load_sam(
         expected_channels: The number of channels the SAM must accept (the network's ``num_classes`` for the
             prediction layer, its ``feature_channels`` for the feature layer); ``None`` skips the check.
         layer: The layer the caller applies the SAM to; a file that records another layer is refused.
-        option: The option name used in error messages (e.g. ``"sam_path"``).
+        option: The option name used in error messages (e.g. ``"SelfAttentionLoss.sam"``).
 
     Returns:
         The module with its weights loaded, on CPU, in eval mode.
@@ -205,10 +205,10 @@ def load_sam(
         candidates = [({key: obj[key] for key in SAM_FILE_KEYS[1:] if key in obj}, dict(obj["state_dict"]))]
         kind = "exported SAM file"
     else:
-        # SAMPretraining keeps its SAM at "sam."; SelfTraining keeps its frozen SAMs at "sam." / "feature_sam.".
-        candidates = [
-            c for c in (_split_checkpoint(obj, p) for p in ("sam.", "feature_sam.")) if c is not None
-        ]
+        # SAMPretraining keeps its SAM at "sam."; SelfTraining its frozen SAMs at "self_attention.sam." and
+        # "self_attention.feature_sam.".
+        prefixes = ("sam.", "self_attention.sam.", "self_attention.feature_sam.")
+        candidates = [c for c in (_split_checkpoint(obj, p) for p in prefixes) if c is not None]
         if not candidates:
             keys = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
             raise ValueError(

@@ -187,6 +187,6 @@ class SAMPretraining(SegmentationTask):
         self.trainer.strategy.barrier("sam_export")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also record the SAM's configuration, so that the checkpoint can serve as ``SelfTraining.sam_path``."""
+        """Also record the SAM's configuration, so that the checkpoint can serve as ``SelfAttentionLoss.sam``."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["sam_config"] = {"sam": sam_config(self.sam, self.layer)}
