@@ -1,6 +1,6 @@
 """The package's tree shows its layers: nothing imports up, nothing imports in a circle, old paths still import.
 
-Layers (an arrow: "may import"): ``cli -> tasks, callbacks -> data, evaluation, pseudo_labels -> nn``, with the
+Layers (an arrow: "may import"): ``cli -> tasks, callbacks, datamodules -> data, evaluation, pseudo_labels -> nn``, with the
 shared helpers ``files`` and ``checks`` under them all and ``media`` beside the tasks and callbacks. Every import
 counts, also those inside functions; only ``if TYPE_CHECKING:`` blocks are left out (they never run).
 """
@@ -40,6 +40,7 @@ RANKS = {
     "media": 3,
     "tasks": 3,
     "callbacks": 3,
+    "datamodules": 3,
     "cli": 4,
 }
 
@@ -47,6 +48,10 @@ RANKS = {
 FORBIDDEN = {
     ("callbacks", "tasks"),
     ("tasks", "callbacks"),
+    ("datamodules", "tasks"),
+    ("datamodules", "callbacks"),
+    ("tasks", "datamodules"),
+    ("callbacks", "datamodules"),
     ("data", "evaluation"),
     ("data", "pseudo_labels"),
 }

@@ -9,13 +9,14 @@ Names are resolved on first use, so ``import uda_sam`` stays light: the plain-Py
 callbacks do. The sub-packages hold the rest:
 
 - :mod:`uda_sam.nn`: the SAM, its losses, the segmentation networks and their weights files (plain PyTorch).
-- :mod:`uda_sam.data`: label tables, dataset readers, the UDA datamodule and the toy domain pair.
+- :mod:`uda_sam.data`: label tables, the dataset readers, transforms and the toy domain pair (plain torch).
+- :mod:`uda_sam.datamodules`: the Lightning datamodule pairing a source and a target reader.
 - :mod:`uda_sam.pseudo_labels`: the class-wise threshold rule and one generation of labels (plain torch).
 - :mod:`uda_sam.evaluation`: mIoU, official-format scoring and the paper's analyses (plain torch/numpy).
 - :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.callbacks`: the Lightning callbacks.
 - :mod:`uda_sam.cli`: the ``uda-sam`` command, one module per command.
 
-Layers (an arrow: "may import"): ``cli -> tasks, callbacks -> data, evaluation, pseudo_labels -> nn``; under them
+Layers (an arrow: "may import"): ``cli -> tasks, callbacks, datamodules -> data, evaluation, pseudo_labels -> nn``; under them
 all, two helpers that import nothing of the package (:mod:`uda_sam.files`, :mod:`uda_sam.checks`); beside the tasks
 and the callbacks, the W&B media they share (:mod:`uda_sam.media`). The modules ``analysis``, ``evaluate``, ``generation``, ``metrics``, ``pipeline``,
 ``pseudo_label_cli`` and ``sam_io`` at the top level are deprecated aliases of their new places.
@@ -51,9 +52,9 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         ImageFolder,
         SegmentationTransform,
         Synthia,
-        UDADataModule,
         make_toy_data,
     )
+    from uda_sam.datamodules import UDADataModule
     from uda_sam.evaluation import SegmentationMetrics
     from uda_sam.nn import (
         DeepLabV2,
@@ -95,7 +96,7 @@ _EXPORTS: dict[str, str] = {
     "Synthia": "uda_sam.data",
     "Cityscapes": "uda_sam.data",
     "ImageFolder": "uda_sam.data",
-    "UDADataModule": "uda_sam.data",
+    "UDADataModule": "uda_sam.datamodules",
     "SegmentationTransform": "uda_sam.data",
     "make_toy_data": "uda_sam.data",
     "CLASS_NAMES": "uda_sam.data",

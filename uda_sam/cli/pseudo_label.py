@@ -47,7 +47,7 @@ def merge_network_sections(earlier: dict | None, later: dict) -> dict:
 def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
     from jsonargparse import ArgumentParser
 
-    from uda_sam.data import UDADataModule
+    from uda_sam.datamodules import UDADataModule
 
     merged: dict = {}
     for file in config_files:

@@ -1,13 +1,13 @@
-"""Data: label tables, dataset readers (GTA5, SYNTHIA, Cityscapes), transforms, the UDA datamodule and the toy pair.
+"""Datasets in plain torch: label tables, the readers (GTA5, SYNTHIA, Cityscapes, a folder of images), transforms, toy pair.
 
-Everything but :class:`UDADataModule` is plain Python and torch; the datamodule (the one part that needs Lightning)
-is imported on first use, so the label tables and readers load without Lightning.
+A reader is one module: a :class:`~uda_sam.data.base.SegmentationDataset` subclass that knows its dataset's on-disk
+layout and label mapping. The Lightning datamodule that pairs a source and a target reader is
+:class:`uda_sam.datamodules.UDADataModule`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+from uda_sam.data.base import SegmentationDataset
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
 from uda_sam.data.image_folder import ImageFolder
@@ -42,22 +42,10 @@ __all__ = [
     "TRAIN_ID_TO_LABEL_ID",
     "Cityscapes",
     "ImageFolder",
+    "SegmentationDataset",
     "SegmentationTransform",
     "Synthia",
-    "UDADataModule",
     "colorize",
     "denormalize",
     "make_toy_data",
 ]
-
-if TYPE_CHECKING:
-    from uda_sam.data.datamodule import UDADataModule
-
-
-def __getattr__(name: str) -> Any:
-    """Import :class:`UDADataModule` (and with it Lightning) on first use (PEP 562)."""
-    if name == "UDADataModule":
-        from uda_sam.data.datamodule import UDADataModule
-
-        return UDADataModule
-    raise AttributeError(f"module 'uda_sam.data' has no attribute {name!r}")
