@@ -185,8 +185,8 @@ def test_pseudo_label_command_on_a_read_only_folder(
         yaml.safe_dump(
             {
                 "data": {
-                    "source_root": str(toy_root / "gta5"),
-                    "target_root": str(toy_root / "cityscapes"),
+                    "source": {"init_args": {"root": str(toy_root / "gta5")}},
+                    "target": {"init_args": {"root": str(toy_root / "cityscapes")}},
                     "source_size": [72, 40],
                     "target_size": [64, 32],
                 },
