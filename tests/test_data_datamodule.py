@@ -199,11 +199,12 @@ def test_setup_errors(roots: dict) -> None:
     with pytest.raises(ValueError, match=r"source \(Synthia\) training set has 2 images, fewer than .* 4"):
         make_dm(tmp, source=Synthia(tmp / "synthia"), batch_size=4).setup("fit")
     with pytest.raises(
-        TypeError, match=r"data.source must be a dataset reader, in YAML \{class_path: uda_sam.data.GTA5"
+        ValueError, match=r"data.source must be a dataset reader, in YAML \{class_path: uda_sam.data.GTA5"
     ):
         make_dm(tmp, source="gta5")
     with pytest.raises(
-        TypeError, match=r"data.target must be .*GTA5 takes no split, labels, pseudo_label_root"
+        ValueError,
+        match=r"data.target must be .*GTA5 lacks the argument\(s\) split, labels, pseudo_label_root",
     ):
         make_dm(tmp, target=GTA5(tmp / "gta5"))
     with pytest.raises(ValueError, match="set data.pseudo_label_root instead"):

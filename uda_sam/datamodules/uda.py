@@ -26,14 +26,15 @@ TARGET_ARGUMENTS = ("split", "labels", "pseudo_label_root", "list_file", "limit"
 
 
 def _check_reader(dataset: object, option: str, example: str, needs: tuple[str, ...] = ("transform",)) -> Any:
-    """``dataset`` if it is a reader taking the arguments ``needs``, else a TypeError naming ``data.{option}``."""
+    """``dataset`` if it is a reader taking the arguments ``needs``, else a ValueError naming ``data.{option}``."""
     expected = f"a dataset reader, in YAML {{class_path: {example}, init_args: {{root: ...}}}}"
     if not isinstance(dataset, SegmentationDataset):
-        raise TypeError(f"data.{option} must be {expected}; got {dataset!r}")
+        raise ValueError(f"data.{option} must be {expected}; got {dataset!r}")
     missing = [name for name in needs if name not in inspect.signature(type(dataset)).parameters]
     if missing:
-        raise TypeError(
-            f"data.{option} must be {expected}; {type(dataset).__name__} takes no {', '.join(missing)}"
+        raise ValueError(
+            f"data.{option} must be {expected}; {type(dataset).__name__} lacks the argument(s) {', '.join(missing)} "
+            f"that the datamodule sets on a {option} reader"
         )
     return dataset
 
@@ -127,8 +128,8 @@ class UDADataModule(LightningDataModule):
             image's own resolution, one image per batch) instead of the target's val split; ``None`` = val.
 
     Raises:
-        TypeError: ``source`` or ``target`` is not a dataset reader (or the target lacks the split arguments).
-        ValueError: an option out of its range.
+        ValueError: ``source`` or ``target`` is not a dataset reader (or the target lacks the split arguments),
+            or an option is out of its range.
     """
 
     def __init__(
