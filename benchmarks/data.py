@@ -31,7 +31,7 @@ import torch
 from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 from PIL import Image
 
-from uda_sam.data import GTA5, Cityscapes, Synthia
+from uda_sam.data import GTA5, Cityscapes, SegmentationTransform, Synthia
 from uda_sam.data.labels import LABEL_ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID_PAIRS, label_id_palette
 from uda_sam.data.toy import render_scene
 
@@ -125,25 +125,30 @@ def main() -> None:
             (
                 "GTA5 train",
                 "1914x1052 -> 1280x720, hflip",
-                GTA5(tmp_path / "gta5", size=(1280, 720), hflip=True),
+                GTA5(tmp_path / "gta5", transform=SegmentationTransform(size=(1280, 720), hflip=True)),
                 mean_size_mb(tmp_path / "gta5" / "images", "*.png"),
             ),
             (
                 "SYNTHIA train",
                 "1280x760 (native), hflip",
-                Synthia(tmp_path / "synthia", size=(1280, 760), hflip=True),
+                Synthia(tmp_path / "synthia", transform=SegmentationTransform(size=(1280, 760), hflip=True)),
                 mean_size_mb(tmp_path / "synthia" / "RGB", "*.png"),
             ),
             (
                 "Cityscapes train + pseudo labels",
                 "2048x1024 -> 1024x512, hflip",
-                Cityscapes(cs, "train", size=(1024, 512), hflip=True, pseudo_label_root=tmp_path / "pseudo"),
+                Cityscapes(
+                    cs,
+                    "train",
+                    pseudo_label_root=tmp_path / "pseudo",
+                    transform=SegmentationTransform(size=(1024, 512), hflip=True),
+                ),
                 mean_size_mb(cs / "leftImg8bit" / "train", "*.png"),
             ),
             (
                 "Cityscapes val (labels full size)",
                 "image 2048x1024 -> 1024x512, label 2048x1024",
-                Cityscapes(cs, "val", size=(1024, 512), label_size="full"),
+                Cityscapes(cs, "val", transform=SegmentationTransform(size=(1024, 512), resize_mask=False)),
                 mean_size_mb(cs / "leftImg8bit" / "val", "*.png"),
             ),
             (
@@ -151,10 +156,9 @@ def main() -> None:
                 "-> 1280x720, scale 0.5-1.5, crop 1024x512, hflip",
                 GTA5(
                     tmp_path / "gta5",
-                    size=(1280, 720),
-                    random_scale=(0.5, 1.5),
-                    crop_size=(1024, 512),
-                    hflip=True,
+                    transform=SegmentationTransform(
+                        size=(1280, 720), random_scale=(0.5, 1.5), crop_size=(1024, 512), hflip=True
+                    ),
                 ),
                 mean_size_mb(tmp_path / "gta5" / "images", "*.png"),
             ),

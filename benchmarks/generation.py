@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
     from timing import synchronize  # benchmarks/timing.py
     from torch.utils.data import DataLoader
 
-    from uda_sam.data import Cityscapes
+    from uda_sam.data import Cityscapes, SegmentationTransform
     from uda_sam.nn import DeepLabV2
     from uda_sam.pseudo_labels.generation import _collate_uint8_masks, generate_pseudo_labels
 
@@ -103,7 +103,12 @@ def measure(args: argparse.Namespace, num_images: int) -> dict[str, Any]:
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         cityscapes = make_target_set(Path(tmp) / "toy", num_images, tuple(args.size))
-        dataset = Cityscapes(cityscapes, split="train", size=tuple(args.size), labels="optional")
+        dataset = Cityscapes(
+            cityscapes,
+            split="train",
+            labels="optional",
+            transform=SegmentationTransform(size=tuple(args.size)),
+        )
         network = DeepLabV2(19, backbone=args.backbone, pretrained=None).to(device).eval()
         # Loaded as the generation loads (pinned batches on CUDA, uint8 masks), so that both loops pay the same.
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -43,7 +43,7 @@ except ImportError:  # running from a checkout without installing the package
 
 from generation import make_target_set  # benchmarks/generation.py (the script's folder is on sys.path)
 
-from uda_sam.data import Cityscapes
+from uda_sam.data import Cityscapes, SegmentationTransform
 from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 
 
@@ -102,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     network = StandIn().eval()
     with tempfile.TemporaryDirectory() as tmp:
         cityscapes = make_target_set(Path(tmp) / "toy", args.images, tuple(args.size))
-        dataset = InMemory(Cityscapes(cityscapes, split="train", size=tuple(args.size), labels="optional"))
+        dataset = InMemory(
+            Cityscapes(
+                cityscapes,
+                split="train",
+                labels="optional",
+                transform=SegmentationTransform(size=tuple(args.size)),
+            )
+        )
         plain_inference(network, dataset, args.batch_size)  # untimed: allocator, kernels
         plain = plain_inference(network, dataset, args.batch_size)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from uda_sam.data import Cityscapes
+from uda_sam.data import Cityscapes, SegmentationTransform
 from uda_sam.nn import DeepLabV2
 from uda_sam.nn.sam_io import load_network_weights, load_sam
 
@@ -39,7 +39,9 @@ def main() -> None:
     network = DeepLabV2(19, backbone=args.backbone, freeze_bn=False)
     load_network_weights(network, args.run / "no_pseudo" / "checkpoints" / "last.ckpt")
     network.eval()
-    dataset = Cityscapes(args.data_root, split="val", size=tuple(args.size), labels="gt")
+    dataset = Cityscapes(
+        args.data_root, split="val", labels="gt", transform=SegmentationTransform(size=tuple(args.size))
+    )
 
     entropies, top_share, agreement = [], [], []
     with torch.no_grad():

@@ -51,9 +51,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 
-from uda_sam.data import Cityscapes  # noqa: E402
-from uda_sam.data.datamodule import UDADataModule  # noqa: E402
+from uda_sam.data import GTA5, Cityscapes, SegmentationTransform  # noqa: E402
 from uda_sam.data.labels import IGNORE_INDEX  # noqa: E402
+from uda_sam.datamodules import UDADataModule  # noqa: E402
 from uda_sam.nn import (  # noqa: E402
     DeepLabV2,
     SelfAttentionLoss,
@@ -232,9 +232,8 @@ class StopWhenNonFinite(Callback):
 
 def _datamodule(data_root: Path, pseudo_labels: Path | None) -> UDADataModule:
     return UDADataModule(
-        source="gta5",
-        source_root=str(data_root / "gta5"),
-        target_root=str(data_root / "cityscapes"),
+        source=GTA5(data_root / "gta5"),
+        target=Cityscapes(data_root / "cityscapes"),
         source_size=(144, 80),
         target_size=(128, 64),
         pseudo_label_root=str(pseudo_labels) if pseudo_labels else None,
@@ -246,7 +245,9 @@ def _datamodule(data_root: Path, pseudo_labels: Path | None) -> UDADataModule:
 
 
 def _target_ground_truth(data_root: Path) -> dict[str, Tensor]:
-    dataset = Cityscapes(data_root / "cityscapes", split="train", size=(128, 64), labels="gt")
+    dataset = Cityscapes(
+        data_root / "cityscapes", split="train", labels="gt", transform=SegmentationTransform(size=(128, 64))
+    )
     return {sample["name"]: sample["mask"] for sample in (dataset[i] for i in range(len(dataset)))}
 
 

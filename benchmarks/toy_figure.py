@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uda_sam.data import Cityscapes, colorize
+from uda_sam.data import Cityscapes, SegmentationTransform, colorize
 from uda_sam.data.transforms import denormalize
 from uda_sam.nn import DilatedFCN
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[0, 3, 7])
     parser.add_argument("--out", type=Path, default=Path("docs/toy_predictions.png"))
     args = parser.parse_args()
-    test = Cityscapes(args.data_root, "test", size=(128, 64))
+    test = Cityscapes(args.data_root, "test", transform=SegmentationTransform(size=(128, 64)))
     stages = {name: args.run / folder / "checkpoints" / "last.ckpt" for name, folder in STAGES.items()}
     stages = {name: path for name, path in stages.items() if path.is_file()}
     rows = []

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 from torch import nn
 
-from uda_sam.data import CLASS_NAMES, GTA5, NUM_CLASSES, Cityscapes, make_toy_data
+from uda_sam.data import CLASS_NAMES, GTA5, NUM_CLASSES, Cityscapes, SegmentationTransform, make_toy_data
 
 
 def load_all(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +106,13 @@ def main() -> None:
         start = time.perf_counter()
         make_toy_data(root)
         generation_s = time.perf_counter() - start
-        source = load_all(GTA5(root / "gta5", size=(128, 72)))
-        target = load_all(Cityscapes(root / "cityscapes", "train", size=(128, 64)))
-        val = load_all(Cityscapes(root / "cityscapes", "val", size=(128, 64)))
+        source = load_all(GTA5(root / "gta5", transform=SegmentationTransform(size=(128, 72))))
+        target = load_all(
+            Cityscapes(root / "cityscapes", "train", transform=SegmentationTransform(size=(128, 64)))
+        )
+        val = load_all(
+            Cityscapes(root / "cityscapes", "val", transform=SegmentationTransform(size=(128, 64)))
+        )
 
     results = {}
     for name, data in (("source-only", source), ("target-supervised", target)):

@@ -97,14 +97,14 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def toy_datamodule(toy_root: Path) -> Callable[..., object]:
-    """Factory of :class:`~uda_sam.data.datamodule.UDADataModule` over the session toy set (no workers, native sizes)."""
-    from uda_sam.data.datamodule import UDADataModule
+    """Factory of :class:`~uda_sam.datamodules.UDADataModule` over the session toy set (no workers, native sizes)."""
+    from uda_sam.data import GTA5, Cityscapes
+    from uda_sam.datamodules import UDADataModule
 
     def make(**kwargs: object) -> UDADataModule:
         options: dict[str, object] = {
-            "source": "gta5",
-            "source_root": str(toy_root / "gta5"),
-            "target_root": str(toy_root / "cityscapes"),
+            "source": GTA5(toy_root / "gta5"),
+            "target": Cityscapes(toy_root / "cityscapes"),
             "source_size": TOY_SOURCE_SIZE,
             "target_size": TOY_SIZE,
             "batch_size": 1,

@@ -252,10 +252,10 @@ def test_missing_dataset_root_fails_before_training(
     # With the config's offline W&B logger: the failed start leaves no W&B run behind.
     with working_dir(tmp_path):
         assert (
-            main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source_root=nowhere/gta5"])
+            main(["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, "--data.source.root=nowhere/gta5"])
             == 2
         )
-    one_error(capsys, "uda-sam fit: error: GTA5 root nowhere/gta5 does not exist")
+    one_error(capsys, "uda-sam fit: error: data.source: GTA5 root nowhere/gta5 does not exist")
     assert list((tmp_path / "runs").rglob("*")) == [
         tmp_path / "runs" / "toy",
         tmp_path / "runs" / "toy" / "no_pseudo",

@@ -136,7 +136,13 @@ def test_paper_hyperparameters(path: Path) -> None:
     assert best["monitor"] == "val/mIoU" and best["mode"] == "max" and best["filename"] == "best"
     assert best["save_last"] is False  # last.ckpt is LastStepCheckpoint's: a monitored one would lag
     assert last["every_n_train_steps"] == 2000 and last["dirpath"] == best["dirpath"]
-    assert data["source"] == source and data["batch_size"] == 1 and data["target_size"] == [1024, 512]
+    reader = {"gta5": "uda_sam.data.GTA5", "synthia": "uda_sam.data.Synthia"}[source]
+    assert data["source"] == {"class_path": reader, "init_args": {"root": f"data/{source}"}}
+    assert data["target"] == {
+        "class_path": "uda_sam.data.Cityscapes",
+        "init_args": {"root": "data/cityscapes"},
+    }
+    assert data["batch_size"] == 1 and data["target_size"] == [1024, 512]
     assert data["source_size"] == ([1280, 720] if source == "gta5" else [1280, 760])
     assert model["val_class_subsets"] == (["19"] if source == "gta5" else ["16", "13"])
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from uda_sam.callbacks import DivergenceMonitor, LastStepCheckpoint, PseudoLabelRegeneration
 from uda_sam.cli.lightning import UDASamCLI
-from uda_sam.data import Cityscapes
+from uda_sam.data import Cityscapes, SegmentationTransform
 from uda_sam.data.toy import make_toy_data
 from uda_sam.nn import DeepLabV2, SelfAttentionLoss, SelfAttentionModule
 from uda_sam.nn.sam_io import save_sam
@@ -168,7 +168,12 @@ def test_pseudo_labels_on_cuda_agree_with_the_cpu(tmp_path: Path) -> None:
     """
     root = make_toy_data(tmp_path / "toy", num_source=1, num_target_train=8, num_val=1, num_test=1,
                          size=(256, 128), source_size=(64, 32), seed=0)  # fmt: skip
-    dataset = Cityscapes(root / "cityscapes", split="train", size=(256, 128), labels="optional")
+    dataset = Cityscapes(
+        root / "cityscapes",
+        split="train",
+        labels="optional",
+        transform=SegmentationTransform(size=(256, 128)),
+    )
     network = toy_network(seed=2).eval()
 
     def make(device: str, folder: str) -> dict[str, np.ndarray]:

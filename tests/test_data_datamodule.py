@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from uda_sam.data import Cityscapes
-from uda_sam.data.datamodule import UDADataModule
+from uda_sam.data import GTA5, Cityscapes, SegmentationTransform, Synthia
+from uda_sam.datamodules import UDADataModule
 
 try:
     from tests.data import fake_datasets as fake
@@ -30,8 +30,8 @@ def roots(tmp_path: Path) -> dict:
 
 def make_dm(tmp: Path, **kwargs) -> UDADataModule:
     args = dict(
-        source_root=str(tmp / "gta5"),
-        target_root=str(tmp / "cs"),
+        source=GTA5(tmp / "gta5"),
+        target=Cityscapes(tmp / "cs"),
         source_size=(32, 16),
         target_size=(32, 16),
         batch_size=2,
@@ -58,7 +58,16 @@ def test_train_batches(roots: dict) -> None:
         assert np.array_equal(source["mask"][i].numpy(), expected[::2, ::2])
     # max_size_cycle: as many steps as the longer domain allows (4 source images / 2 = 2 batches)
     assert len(list(iter(dm.train_dataloader()))) == 2
-    assert dm.hparams["source"] == "gta5" and dm.hparams["batch_size"] == 2
+    assert dm.hparams["source"] == {
+        "class_path": "uda_sam.data.gta5.GTA5",
+        "init_args": {
+            "root": str(roots["tmp"] / "gta5"),
+            "image_root": None,
+            "list_file": None,
+            "limit": None,
+        },
+    }
+    assert dm.hparams["batch_size"] == 2
 
 
 def test_val_test_predict_and_inference_sets(roots: dict) -> None:
@@ -173,7 +182,7 @@ def test_missing_pseudo_labels_fail_in_setup(roots: dict) -> None:
 
 
 def test_synthia_source(roots: dict) -> None:
-    dm = make_dm(roots["tmp"], source="synthia", source_root=str(roots["tmp"] / "synthia"), source_size=None)
+    dm = make_dm(roots["tmp"], source=Synthia(roots["tmp"] / "synthia"), source_size=None)
     dm.setup("fit")
     batch, _, _ = next(iter(dm.train_dataloader()))
     for name, mask in zip(batch["source"]["name"], batch["source"]["mask"], strict=True):
@@ -182,16 +191,24 @@ def test_synthia_source(roots: dict) -> None:
 
 def test_setup_errors(roots: dict) -> None:
     tmp = roots["tmp"]
-    with pytest.raises(FileNotFoundError, match=r"GTA5 root .*nowhere"):
-        make_dm(tmp, source_root=str(tmp / "nowhere")).setup("fit")
-    with pytest.raises(FileNotFoundError, match=r"Cityscapes root .*nowhere"):
-        make_dm(tmp, target_root=str(tmp / "nowhere")).setup("validate")
-    with pytest.raises(ValueError, match=r"source \(synthia\) training set has 2 images, fewer than .* 4"):
-        make_dm(tmp, source="synthia", source_root=str(tmp / "synthia"), batch_size=4).setup("fit")
-    with pytest.raises(ValueError, match="source must be"):
-        make_dm(tmp, source="cityscapes")
-    with pytest.raises(ValueError, match="source_image_root"):
-        make_dm(tmp, source="synthia", source_image_root=str(tmp))
+    with pytest.raises(FileNotFoundError, match=r"^data.source: GTA5 root .*nowhere"):
+        make_dm(tmp, source=GTA5(tmp / "nowhere")).setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"^data.target: Cityscapes root .*nowhere"):
+        make_dm(tmp, target=Cityscapes(tmp / "nowhere")).setup("validate")
+    make_dm(tmp, source=GTA5(tmp / "nowhere")).setup("validate")  # a source that validation never reads
+    with pytest.raises(ValueError, match=r"source \(Synthia\) training set has 2 images, fewer than .* 4"):
+        make_dm(tmp, source=Synthia(tmp / "synthia"), batch_size=4).setup("fit")
+    with pytest.raises(
+        ValueError, match=r"data.source must be a dataset reader, in YAML \{class_path: uda_sam.data.GTA5"
+    ):
+        make_dm(tmp, source="gta5")
+    with pytest.raises(
+        ValueError,
+        match=r"data.target must be .*GTA5 lacks the argument\(s\) split, labels, pseudo_label_root",
+    ):
+        make_dm(tmp, target=GTA5(tmp / "gta5"))
+    with pytest.raises(ValueError, match="set data.pseudo_label_root instead"):
+        make_dm(tmp, target=Cityscapes(tmp / "cs", pseudo_label_root=tmp))
     with pytest.raises(ValueError, match="batch_size"):
         make_dm(tmp, batch_size=0)
     with pytest.raises(ValueError, match="target_size"):
@@ -219,9 +236,9 @@ def test_loader_options(roots: dict) -> None:
 def test_workers_draw_different_augmentations(roots: dict) -> None:
     from torch.utils.data import DataLoader, Subset
 
-    from uda_sam.data import GTA5
-
-    ds = GTA5(roots["tmp"] / "gta5", size=(32, 16), crop_size=(8, 8), hflip=True)
+    ds = GTA5(
+        roots["tmp"] / "gta5", transform=SegmentationTransform(size=(32, 16), crop_size=(8, 8), hflip=True)
+    )
     same_image = Subset(ds, [0] * 8)  # batches alternate between the two workers
     torch.manual_seed(0)
     crops = [b["image"] for b in DataLoader(same_image, batch_size=1, num_workers=2)]
@@ -240,8 +257,8 @@ def test_configurable_from_yaml(roots: dict) -> None:
     parser.add_class_arguments(UDADataModule, "data")
     config = {
         "data": {
-            "source_root": str(tmp / "gta5"),
-            "target_root": str(tmp / "cs"),
+            "source": {"class_path": "uda_sam.data.GTA5", "init_args": {"root": str(tmp / "gta5")}},
+            "target": {"class_path": "uda_sam.data.Cityscapes", "init_args": {"root": str(tmp / "cs")}},
             "source_size": [32, 16],
             "target_size": [32, 16],
             "random_scale": [0.5, 1.5],
@@ -252,8 +269,12 @@ def test_configurable_from_yaml(roots: dict) -> None:
     dm = parser.instantiate_classes(cfg).data
     assert isinstance(dm, UDADataModule)
     assert dm.source_size == (32, 16) and dm.random_scale == (0.5, 1.5) and dm.val_label_size == "full"
+    assert (
+        isinstance(dm.source, GTA5) and dm.source.root == tmp / "gta5" and isinstance(dm.target, Cityscapes)
+    )
+    not_a_reader = {"class_path": "uda_sam.data.SegmentationTransform", "init_args": {}}
     with pytest.raises(SystemExit):
-        parser.parse_string(json.dumps({"data": {**config["data"], "source": "cityscapes"}}))
+        parser.parse_string(json.dumps({"data": {**config["data"], "source": not_a_reader}}))
 
 
 class Recorder(pl.LightningModule):
@@ -328,11 +349,13 @@ def test_source_holdout_keeps_the_last_images_out_of_training(roots: dict) -> No
 def test_test_split_is_scored_when_asked(roots: dict) -> None:
     cs = fake.write_fake_cityscapes(roots["tmp"] / "cs_test", {"train": 2, "val": 1, "test": 2})
     # The fake test labels are Cityscapes-style placeholders; they stand for a labelled test split here.
-    dm = make_dm(roots["tmp"], target_root=str(roots["tmp"] / "cs_test"), test_split="test", val_batch_size=2)
+    dm = make_dm(
+        roots["tmp"], target=Cityscapes(roots["tmp"] / "cs_test"), test_split="test", val_batch_size=2
+    )
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert sorted(batch["name"]) == sorted(cs["test"])
-    default = make_dm(roots["tmp"], target_root=str(roots["tmp"] / "cs_test"))
+    default = make_dm(roots["tmp"], target=Cityscapes(roots["tmp"] / "cs_test"))
     default.setup("test")
     assert [s for s in default.test_dataset.names] == list(cs["val"])
     with pytest.raises(ValueError, match="test_split must be 'val' or 'test'"):

@@ -26,7 +26,7 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- GTA5
 def test_gta5_exact_train_ids(tmp_path: Path) -> None:
     expected = fake.write_fake_gta5(tmp_path, mismatched=None)
-    ds = GTA5(tmp_path, size=None)
+    ds = GTA5(tmp_path)
     assert len(ds) == 3 and ds.names == ["00001", "00002", "00003"]
     for i, name in enumerate(ds.names):
         sample = ds[i]
@@ -39,18 +39,18 @@ def test_gta5_exact_train_ids(tmp_path: Path) -> None:
 
 def test_gta5_resize_and_normalisation(tmp_path: Path) -> None:
     expected = fake.write_fake_gta5(tmp_path, mismatched=None)
-    ds = GTA5(tmp_path, size=(32, 16))
+    ds = GTA5(tmp_path, transform=SegmentationTransform(size=(32, 16)))
     sample = ds[1]
     assert sample["image"].shape == (3, 16, 32)
     assert np.array_equal(sample["mask"].numpy(), resize_nearest(expected["00002"], (32, 16)))
-    native = GTA5(tmp_path, size=None)[1]["image"]
+    native = GTA5(tmp_path)[1]["image"]
     original = cv2.cvtColor(cv2.imread(str(tmp_path / "images" / "00002.png")), cv2.COLOR_BGR2RGB)
     assert np.abs(denormalize(native).astype(int) - original.astype(int)).max() <= 1
 
 
 def test_gta5_size_mismatch_resizes_image_and_warns(tmp_path: Path) -> None:
     expected = fake.write_fake_gta5(tmp_path, mismatched="00003")
-    ds = GTA5(tmp_path, size=None)
+    ds = GTA5(tmp_path)
     with pytest.warns(UserWarning, match=r"00003\.png.*80x40.*64x32"):
         sample = ds[2]
     assert sample["image"].shape == (3, 32, 64)
@@ -65,7 +65,7 @@ def test_gta5_translated_image_root(tmp_path: Path) -> None:
     expected = fake.write_fake_gta5(tmp_path / "gta5", mismatched=None)
     for name in expected:  # translated images at half size, same names
         fake.write_rgb(tmp_path / "translated" / f"{name}.png", fake.fake_image(32, 16, 0))
-    ds = GTA5(tmp_path / "gta5", image_root=tmp_path / "translated", size=None)
+    ds = GTA5(tmp_path / "gta5", image_root=tmp_path / "translated")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample = ds[0]
@@ -80,30 +80,30 @@ def test_gta5_list_file_and_limit(tmp_path: Path) -> None:
     assert GTA5(tmp_path / "gta5", limit=2).names == ["00001", "00002"]
     (tmp_path / "bad.txt").write_text("00001.png\n00009.png\n")
     with pytest.raises(FileNotFoundError, match="00009"):
-        GTA5(tmp_path / "gta5", list_file=tmp_path / "bad.txt")
+        len(GTA5(tmp_path / "gta5", list_file=tmp_path / "bad.txt"))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        GTA5(tmp_path / "gta5", list_file=tmp_path / "missing.txt")
+        len(GTA5(tmp_path / "gta5", list_file=tmp_path / "missing.txt"))
 
 
 def test_gta5_bad_layouts(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist.*images/NNNNN\.png"):
-        GTA5(tmp_path / "nowhere")
+        len(GTA5(tmp_path / "nowhere"))
     (tmp_path / "a" / "labels").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"image folder .*a/images"):
-        GTA5(tmp_path / "a")
+        len(GTA5(tmp_path / "a"))
     (tmp_path / "b" / "images").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"label folder .*b/labels"):
-        GTA5(tmp_path / "b")
+        len(GTA5(tmp_path / "b"))
     (tmp_path / "a" / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no images"):
-        GTA5(tmp_path / "a")
+        len(GTA5(tmp_path / "a"))
 
 
 def test_gta5_missing_label(tmp_path: Path) -> None:
     fake.write_fake_gta5(tmp_path)
     (tmp_path / "labels" / "00002.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of 3 GTA5 images have no label file .*: 00002"):
-        GTA5(tmp_path)
+        len(GTA5(tmp_path))
 
 
 @pytest.mark.parametrize("damage", [fake.corrupt, fake.truncate])
@@ -111,7 +111,7 @@ def test_gta5_missing_label(tmp_path: Path) -> None:
 def test_gta5_corrupt_or_truncated_png(tmp_path: Path, damage, which: str) -> None:
     fake.write_fake_gta5(tmp_path)
     damage(tmp_path / which / "00002.png")
-    ds = GTA5(tmp_path, size=None)
+    ds = GTA5(tmp_path)
     ds[0]
     with pytest.raises(ValueError, match=rf"{which}/00002\.png"):
         ds[1]
@@ -127,34 +127,34 @@ def test_gta5_label_not_palette(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ SYNTHIA
 def test_synthia_exact_train_ids(tmp_path: Path) -> None:
     expected = fake.write_fake_synthia(tmp_path)
-    ds = Synthia(tmp_path, size=None)
+    ds = Synthia(tmp_path)
     assert ds.names == ["0000000", "0000001"]
     for i, name in enumerate(ds.names):
         assert np.array_equal(ds[i]["mask"].numpy(), expected[name])
     values = set(np.unique(np.concatenate([m.ravel() for m in expected.values()])).tolist())
     assert values == {0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18, 255}
-    assert Synthia(tmp_path, size=(32, 16))[0]["mask"].shape == (16, 32)
+    assert Synthia(tmp_path, transform=SegmentationTransform(size=(32, 16)))[0]["mask"].shape == (16, 32)
 
 
 def test_synthia_bad_layouts(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"SYNTHIA root .*does not exist.*GT/LABELS"):
-        Synthia(tmp_path / "nowhere")
+        len(Synthia(tmp_path / "nowhere"))
     (tmp_path / "GT" / "LABELS").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"image folder .*RGB"):
-        Synthia(tmp_path)
+        len(Synthia(tmp_path))
     (tmp_path / "RGB").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no PNG images"):
-        Synthia(tmp_path)
+        len(Synthia(tmp_path))
     (tmp_path / "GT" / "LABELS").rmdir()
     with pytest.raises(FileNotFoundError, match=r"label folder .*GT/LABELS"):
-        Synthia(tmp_path)
+        len(Synthia(tmp_path))
 
 
 def test_synthia_missing_label(tmp_path: Path) -> None:
     fake.write_fake_synthia(tmp_path)
     (tmp_path / "GT" / "LABELS" / "0000001.png").unlink()
     with pytest.raises(FileNotFoundError, match="0000001"):
-        Synthia(tmp_path)
+        len(Synthia(tmp_path))
 
 
 def test_synthia_label_not_16_bit(tmp_path: Path) -> None:
@@ -193,7 +193,7 @@ def test_synthia_corrupt_label(tmp_path: Path, damage) -> None:
 # --------------------------------------------------------------------------------------------- Cityscapes
 def test_cityscapes_exact_train_ids_and_names(tmp_path: Path) -> None:
     expected = fake.write_fake_cityscapes(tmp_path)
-    train = Cityscapes(tmp_path, "train", size=None)
+    train = Cityscapes(tmp_path, "train")
     assert (
         train.names
         == sorted(expected["train"])
@@ -201,53 +201,53 @@ def test_cityscapes_exact_train_ids_and_names(tmp_path: Path) -> None:
     )
     for i, name in enumerate(train.names):
         assert np.array_equal(train[i]["mask"].numpy(), expected["train"][name])
-    val = Cityscapes(tmp_path, "val", size=(32, 16))
+    val = Cityscapes(tmp_path, "val", transform=SegmentationTransform(size=(32, 16)))
     name = val.names[1]
     assert np.array_equal(val[1]["mask"].numpy(), resize_nearest(expected["val"][name], (32, 16)))
 
 
 def test_cityscapes_full_size_labels(tmp_path: Path) -> None:
     expected = fake.write_fake_cityscapes(tmp_path)
-    val = Cityscapes(tmp_path, "val", size=(32, 16), label_size="full")
+    val = Cityscapes(tmp_path, "val", transform=SegmentationTransform(size=(32, 16), resize_mask=False))
     sample = val[0]
     assert sample["image"].shape == (3, 16, 32) and sample["mask"].shape == (32, 64)
     assert np.array_equal(sample["mask"].numpy(), expected["val"][val.names[0]])
     with pytest.raises(ValueError, match="label_size='full'"):
-        Cityscapes(tmp_path, "val", label_size="full", hflip=True)
+        SegmentationTransform(resize_mask=False, hflip=True)
 
 
 def test_cityscapes_test_split_and_label_modes(tmp_path: Path) -> None:
     fake.write_fake_cityscapes(tmp_path)
-    test = Cityscapes(tmp_path, "test", size=(32, 16))
+    test = Cityscapes(tmp_path, "test", transform=SegmentationTransform(size=(32, 16)))
     assert (test[0]["mask"] == 255).all() and test[0]["mask"].shape == (16, 32)
-    unlabeled = Cityscapes(tmp_path, "train", labels="none", size=None)
+    unlabeled = Cityscapes(tmp_path, "train", labels="none")
     assert all(s.label is None for s in unlabeled.samples) and (unlabeled[0]["mask"] == 255).all()
     (tmp_path / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of 3 .* no label file .*aachen_000000_000019"):
-        Cityscapes(tmp_path, "train")
-    optional = Cityscapes(tmp_path, "train", labels="optional", size=None)
+        len(Cityscapes(tmp_path, "train"))
+    optional = Cityscapes(tmp_path, "train", labels="optional")
     assert (optional[0]["mask"] == 255).all() and (optional[1]["mask"] != 255).any()
 
 
 def test_cityscapes_bad_layouts(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"Cityscapes root .*does not exist.*leftImg8bit"):
-        Cityscapes(tmp_path / "nowhere")
+        len(Cityscapes(tmp_path / "nowhere"))
     (tmp_path / "gtFine" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"image folder .*leftImg8bit .*expected layout"):
-        Cityscapes(tmp_path)
+        len(Cityscapes(tmp_path))
     (tmp_path / "leftImg8bit" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="holds no images"):
-        Cityscapes(tmp_path)
+        len(Cityscapes(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"val image folder .*leftImg8bit/val"):
-        Cityscapes(tmp_path, "val")
+        len(Cityscapes(tmp_path, "val"))
     fake.write_fake_cityscapes(tmp_path / "cs", {"val": 1})
     for path in sorted((tmp_path / "cs" / "gtFine").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     with pytest.raises(FileNotFoundError, match=r"label folder .*gtFine"):
-        Cityscapes(tmp_path / "cs", "val")
+        len(Cityscapes(tmp_path / "cs", "val"))
     assert len(Cityscapes(tmp_path / "cs", "val", labels="none")) == 1
     with pytest.raises(ValueError, match="split"):
-        Cityscapes(tmp_path / "cs", "validation")  # type: ignore[arg-type]
+        len(Cityscapes(tmp_path / "cs", "validation"))  # type: ignore[arg-type]
 
 
 def test_cityscapes_list_file(tmp_path: Path) -> None:
@@ -270,7 +270,8 @@ def test_cityscapes_labels_of_another_size_are_named(tmp_path: Path) -> None:
             match=rf"1 of 2 Cityscapes val gtFine labels .*{label} is 32x16, its image "
             r"frankfurt_000001_000019_leftImg8bit\.png 64x32",
         ):
-            Cityscapes(tmp_path / "cs", "val", size=(32, 16), label_size=label_size)
+            transform = SegmentationTransform(size=(32, 16), resize_mask=label_size == "resized")
+            len(Cityscapes(tmp_path / "cs", "val", transform=transform))
     assert len(Cityscapes(tmp_path / "cs", "val", labels="none")) == 2
 
     # Pseudo labels may be stored at the training size, not at another aspect ratio.
@@ -280,7 +281,7 @@ def test_cityscapes_labels_of_another_size_are_named(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=rf"pseudo-label labels do not have the aspect ratio .*{names[1]}\.png is 16x16"
     ):
-        Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
+        len(Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl"))
 
 
 def test_synthia_label_of_another_size_is_named(tmp_path: Path) -> None:
@@ -289,7 +290,7 @@ def test_synthia_label_of_another_size_is_named(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"1 of 2 SYNTHIA labels .*0000001\.png is 64x32, its image 0000001\.png 32x16"
     ):
-        Synthia(tmp_path)
+        len(Synthia(tmp_path))
 
 
 @pytest.mark.parametrize("damage", [fake.corrupt, fake.truncate])
@@ -305,11 +306,13 @@ def test_cityscapes_pseudo_labels(tmp_path: Path) -> None:
     fake.write_fake_cityscapes(tmp_path / "cs")
     names = Cityscapes(tmp_path / "cs", labels="none").names
     pseudo = fake.write_pseudo_labels(tmp_path / "pl", names, size=(32, 16))
-    ds = Cityscapes(tmp_path / "cs", size=(32, 16), pseudo_label_root=tmp_path / "pl")
+    ds = Cityscapes(
+        tmp_path / "cs", pseudo_label_root=tmp_path / "pl", transform=SegmentationTransform(size=(32, 16))
+    )
     for i, name in enumerate(names):
         assert np.array_equal(ds[i]["mask"].numpy(), pseudo[name])
     # pseudo labels at the training size are brought to a larger image size by nearest neighbour
-    native = Cityscapes(tmp_path / "cs", size=None, pseudo_label_root=tmp_path / "pl")
+    native = Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
     assert np.array_equal(native[0]["mask"].numpy(), np.kron(pseudo[names[0]], np.ones((2, 2), np.uint8)))
 
 
@@ -318,9 +321,9 @@ def test_cityscapes_pseudo_labels_missing_or_invalid(tmp_path: Path) -> None:
     names = Cityscapes(tmp_path / "cs", labels="none").names
     fake.write_pseudo_labels(tmp_path / "pl", names[:1], size=(32, 16))
     with pytest.raises(FileNotFoundError, match=r"2 of 3 .*no pseudo-label file .*aachen_000002_000019"):
-        Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
+        len(Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl"))
     with pytest.raises(FileNotFoundError, match="pseudo_label_root .*does not exist"):
-        Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "absent")
+        len(Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "absent"))
     fake.write_pseudo_labels(tmp_path / "pl", names, size=(32, 16))
     Image.fromarray(np.full((16, 32), 19, np.uint8), mode="L").save(tmp_path / "pl" / f"{names[2]}.png")
     ds = Cityscapes(tmp_path / "cs", pseudo_label_root=tmp_path / "pl")
@@ -397,3 +400,31 @@ def test_mask_at_the_training_size_is_taken_as_it_is(image_size: tuple[int, int]
         flipped = torch.equal(image_t, plain.flip(-1))
         assert flipped or torch.equal(image_t, plain)
         assert np.array_equal(mask_t.numpy(), mask[:, ::-1] if flipped else mask)
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def test_readers_find_their_files_on_first_use(tmp_path: Path) -> None:
+    """A reader names a dataset without reading the disk; its files are found (and checked) when first used."""
+    reader = GTA5(tmp_path / "gta5")  # nothing there yet
+    assert repr(reader).startswith(f"GTA5(root='{tmp_path / 'gta5'}', image_root=None")
+    with pytest.raises(FileNotFoundError, match="GTA5 root .*does not exist"):
+        len(reader)
+    fake.write_fake_gta5(tmp_path / "gta5", mismatched=None)
+    assert len(GTA5(tmp_path / "gta5")) == 3
+
+
+def test_replace_makes_a_reader_with_other_arguments(tmp_path: Path) -> None:
+    fake.write_fake_cityscapes(tmp_path / "cs")
+    train = Cityscapes(tmp_path / "cs", labels="none", limit=2)
+    transform = SegmentationTransform(size=(32, 16), resize_mask=False)
+    val = train.replace(split="val", labels="gt", limit=None, transform=transform)
+    assert (val.split, val.labels, val.root, val.transform) == ("val", "gt", tmp_path / "cs", transform)
+    assert val.names == ["frankfurt/frankfurt_000000_000019", "frankfurt/frankfurt_000001_000019"]
+    assert val[0]["mask"].shape == (32, 64) and val.size == (32, 16) and val.normalization == "imagenet"
+    assert (train.split, len(train)) == ("train", 2)  # unchanged
+    with pytest.raises(TypeError, match="GTA5 takes no argument split"):
+        GTA5(tmp_path).replace(split="val")
+    assert GTA5(tmp_path / "gta5", limit=2).as_config() == {
+        "class_path": "uda_sam.data.gta5.GTA5",
+        "init_args": {"root": str(tmp_path / "gta5"), "image_root": None, "list_file": None, "limit": 2},
+    }

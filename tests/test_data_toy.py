@@ -47,14 +47,14 @@ def test_layout_and_formats(tmp_path: Path) -> None:
     assert manifest["parameters"]["size"] == [64, 32] and manifest["parameters"]["seed"] == 0
 
     # the package's own readers take the set as it is
-    source = GTA5(root / "gta5", size=None)
+    source = GTA5(root / "gta5")
     assert len(source) == 3 and source[0]["mask"].shape == (40, 72)
-    val = Cityscapes(root / "cityscapes", "val", size=None)
+    val = Cityscapes(root / "cityscapes", "val")
     assert val.names == ["cobbleford/cobbleford_000000_000019", "dunmore/dunmore_000000_000019"]
     mask = val[0]["mask"].numpy()
     assert np.array_equal(mask, LABEL_ID_TO_TRAIN_ID[np.asarray(gt)])
     # a labelled test split of its own scenes and cities, for reporting on images nothing was chosen on
-    test = Cityscapes(root / "cityscapes", "test", size=None, labels="gt")
+    test = Cityscapes(root / "cityscapes", "test", labels="gt")
     assert test.names == ["eastholm/eastholm_000000_000019", "fairhaven/fairhaven_000000_000019"]
     assert not np.array_equal(test[0]["image"].numpy(), val[0]["image"].numpy())
     gt_test = Image.open(

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from uda_sam.data.datamodule import UDADataModule
+from uda_sam.data import GTA5, Cityscapes
 from uda_sam.data.toy import make_toy_data
+from uda_sam.datamodules import UDADataModule
 from uda_sam.tasks import SelfTraining
 
 
@@ -48,8 +49,8 @@ def test_two_process_validation_equals_one(tmp_path: Path, tiny_network: Callabl
             default_root_dir=str(tmp_path),
         )
         datamodule = UDADataModule(
-            source_root=str(root / "gta5"),
-            target_root=str(root / "cityscapes"),
+            source=GTA5(root / "gta5"),
+            target=Cityscapes(root / "cityscapes"),
             source_size=(72, 40),
             target_size=(64, 32),
             num_workers=0,

@@ -83,8 +83,8 @@ def pipeline_file(tmp_path: Path, toy_root: Path, output_dir: Path) -> Path:
         "no_pseudo": {"config": stage_config(tmp_path, "no_pseudo.yaml")},
         "settings": [{"name": "Pseudo-Only", "config": stage_config(tmp_path, "pseudo_only.yaml")}],
         "common_args": [
-            f"--data.source_root={toy_root / 'gta5'}",
-            f"--data.target_root={toy_root / 'cityscapes'}",
+            f"--data.source.root={toy_root / 'gta5'}",
+            f"--data.target.root={toy_root / 'cityscapes'}",
             "--data.source_size=[72,40]",
             "--data.target_size=[64,32]",
             "--data.batch_size=1",

@@ -6,7 +6,7 @@ Floors, lowest first; a module imports modules of its own layer or of a lower fl
 - ``data``, ``nn``: the two ground floors (readers and label tables; the SAM and the networks), apart;
 - ``evaluation``, ``pseudo_labels``: scores and pseudo labels, over data and nn;
 - ``media``: the W&B media the tasks and the callbacks share;
-- ``tasks``, ``callbacks``: Lightning, apart;
+- ``tasks``, ``callbacks``, ``datamodules``: Lightning, apart;
 - ``cli``: the command (it alone also reads the package root, for the version).
 
 Every import counts, also those inside functions; only ``if TYPE_CHECKING:`` blocks are left out (they never run).
@@ -32,7 +32,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("data", "nn"),
     ("evaluation", "pseudo_labels"),
     ("media",),
-    ("tasks", "callbacks"),
+    ("tasks", "callbacks", "datamodules"),
     ("cli",),
 ]
 FLOOR = {layer: number for number, layer_names in enumerate(FLOORS) for layer in layer_names}

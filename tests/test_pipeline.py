@@ -35,8 +35,8 @@ def pipeline_file(tmp_path: Path, toy_root: Path, **changes: object) -> Path:
     config.pop("toy_data", None)
     config["output_dir"] = str(tmp_path / "out")
     config["common_args"] = [
-        f"--data.source_root={toy_root / 'gta5'}",
-        f"--data.target_root={toy_root / 'cityscapes'}",
+        f"--data.source.root={toy_root / 'gta5'}",
+        f"--data.target.root={toy_root / 'cityscapes'}",
         "--data.source_size=[72,40]",
         "--data.target_size=[64,32]",
         "--data.batch_size=1",

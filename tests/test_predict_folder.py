@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from uda_sam.data.datamodule import UDADataModule
+from uda_sam.data import GTA5, Cityscapes, SegmentationTransform
 from uda_sam.data.image_folder import ImageFolder
+from uda_sam.datamodules import UDADataModule
 
 
 def write_image(path: Path, width: int, height: int, seed: int) -> np.ndarray:
@@ -34,7 +35,12 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_folder_tree_with_images_of_different_sizes(folder: Path) -> None:
-    options = {"source_root": "unused", "target_root": "unused", "num_workers": 0, "val_batch_size": 2}
+    options = {
+        "source": GTA5("unused"),
+        "target": Cityscapes("unused"),
+        "num_workers": 0,
+        "val_batch_size": 2,
+    }
     datamodule = UDADataModule(**options, target_size=(32, 16), predict_root=str(folder))
     datamodule.setup("predict")
     batches = list(datamodule.predict_dataloader())  # one image per batch: their sizes differ
@@ -47,7 +53,7 @@ def test_folder_tree_with_images_of_different_sizes(folder: Path) -> None:
 
 
 def test_caffe_normalisation_and_native_size(folder: Path) -> None:
-    dataset = ImageFolder(folder, size=None, normalization="caffe")
+    dataset = ImageFolder(folder, transform=SegmentationTransform(normalization="caffe", resize_mask=False))
     assert dataset[dataset.names.index("drive_02/frame_000002")]["image"].shape == (3, 50, 30)
     sample = dataset[dataset.names.index("drive_01/night/frame_000001")]
     pixels = np.asarray(Image.open(folder / "drive_01" / "night" / "frame_000001.png"), dtype=np.float32)
@@ -57,15 +63,15 @@ def test_caffe_normalisation_and_native_size(folder: Path) -> None:
 
 
 def test_bad_folders(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="predict_root .*nowhere does not exist"):
-        ImageFolder(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="ImageFolder root .*nowhere does not exist"):
+        len(ImageFolder(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no images"):
-        ImageFolder(tmp_path / "empty")
+        len(ImageFolder(tmp_path / "empty"))
     write_image(tmp_path / "clash" / "a.png", 4, 4, 0)
     write_image(tmp_path / "clash" / "a.jpg", 4, 4, 0)
     with pytest.raises(ValueError, match=r"differ only in their suffix.*a\.jpg, a\.png"):
-        ImageFolder(tmp_path / "clash")
+        len(ImageFolder(tmp_path / "clash"))
 
 
 # ----------------------------------------------------------------------------- predict from a checkpoint alone

@@ -480,7 +480,9 @@ def test_offline_pseudo_label_command(
     config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "pseudo_only.yaml"
     data = tmp_path / "data.yaml"
     data.write_text(
-        f"data:\n  source_root: {toy_root / 'gta5'}\n  target_root: {toy_root / 'cityscapes'}\n"
+        # the data roots update the config's readers (their class_path stays the config's)
+        f"data:\n  source: {{init_args: {{root: {toy_root / 'gta5'}}}}}\n"
+        f"  target: {{init_args: {{root: {toy_root / 'cityscapes'}}}}}\n"
         "  source_size: [72, 40]\n  target_size: [64, 32]\n"
         # the teacher comes from --checkpoint; the config's starting weights (No Pseudo's) are not needed
         "model:\n  init_args:\n    network:\n      init_args:\n        weights: null\n"

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from conftest import TinySegNet
 
-    from uda_sam.data import Cityscapes
+    from uda_sam.data import Cityscapes, SegmentationTransform
     from uda_sam.data.toy import make_toy_data
     from uda_sam.pseudo_labels.generation import generate_pseudo_labels
 
@@ -35,7 +35,9 @@ SCRIPT = textwrap.dedent(
         # with the parent's OpenMP pool up, a parallel torch operation in the child hangs otherwise.
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        dataset = Cityscapes(root / "cityscapes", split="train", size=(64, 32), labels="optional")
+        dataset = Cityscapes(
+            root / "cityscapes", split="train", labels="optional", transform=SegmentationTransform(size=(64, 32))
+        )
         generate_pseudo_labels(TinySegNet(), dataset, out, batch_size=2, num_workers=0, progress=False)
 
 

@@ -146,7 +146,7 @@ SMALL = [
 
 def fit_args(toy_root: Path) -> list[str]:
     """`uda-sam fit` of the toy No Pseudo stage, one step, into ``runs/toy/no_pseudo`` of the working folder."""
-    data = [f"--data.source_root={toy_root / 'gta5'}", f"--data.target_root={toy_root / 'cityscapes'}"]
+    data = [f"--data.source.root={toy_root / 'gta5'}", f"--data.target.root={toy_root / 'cityscapes'}"]
     return ["fit", "--config", str(TOY / "no_pseudo.yaml"), *SMALL, *data, "--data.batch_size=1"]
 
 

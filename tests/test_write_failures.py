@@ -141,7 +141,7 @@ def test_fit_on_a_full_disk_ends_with_one_error_naming_the_checkpoint(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "save", full_disk_after(0, torch.save))
     args = ["fit", "--config", str(TOY / "no_pseudo.yaml"), "--trainer.logger=false"]
-    args += [f"--data.source_root={toy_root / 'gta5'}", f"--data.target_root={toy_root / 'cityscapes'}"]
+    args += [f"--data.source.root={toy_root / 'gta5'}", f"--data.target.root={toy_root / 'cityscapes'}"]
     args += ["--data.source_size=[72, 40]", "--data.target_size=[64, 32]", "--data.source_holdout=1"]
     args += ["--data.batch_size=1"]
     args += ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
@@ -185,8 +185,8 @@ def test_pseudo_label_command_on_a_read_only_folder(
         yaml.safe_dump(
             {
                 "data": {
-                    "source_root": str(toy_root / "gta5"),
-                    "target_root": str(toy_root / "cityscapes"),
+                    "source": {"init_args": {"root": str(toy_root / "gta5")}},
+                    "target": {"init_args": {"root": str(toy_root / "cityscapes")}},
                     "source_size": [72, 40],
                     "target_size": [64, 32],
                 },

@@ -9,18 +9,19 @@ Names are resolved on first use, so ``import uda_sam`` stays light: the plain-Py
 callbacks do. The sub-packages hold the rest:
 
 - :mod:`uda_sam.nn`: the SAM, its losses, the segmentation networks and their weights files (plain PyTorch).
-- :mod:`uda_sam.data`: label tables, dataset readers and the toy domain pair; :mod:`uda_sam.data.datamodule`: the
-  UDA datamodule (the one part of the data layer that imports Lightning).
+- :mod:`uda_sam.data`: label tables, the dataset readers, transforms and the toy domain pair (plain torch).
+- :mod:`uda_sam.datamodules`: the Lightning datamodule pairing a source and a target reader.
 - :mod:`uda_sam.pseudo_labels`: the class-wise threshold rule and one generation of labels (plain torch).
 - :mod:`uda_sam.evaluation`: mIoU, official-format scoring and the paper's analyses (plain torch/numpy).
 - :mod:`uda_sam.tasks`: the Lightning training tasks; :mod:`uda_sam.callbacks`: the Lightning callbacks.
 - :mod:`uda_sam.cli`: the ``uda-sam`` command, one module per command.
 
 Layers, highest first (an arrow: "imports only what is below it"):
-``cli -> tasks, callbacks -> media -> evaluation, pseudo_labels -> data, nn``. Layers on one floor never import each
-other: ``data`` and ``nn`` are two ground floors, ``evaluation`` and ``pseudo_labels`` import ``data`` (and
-``evaluation`` ``nn``), and :mod:`uda_sam.media` holds the W&B media the tasks and the callbacks share. Under them
-all, two helpers that import nothing of the package: :mod:`uda_sam.files` and :mod:`uda_sam.checks`.
+``cli -> tasks, callbacks, datamodules -> media -> evaluation, pseudo_labels -> data, nn``. Layers on one floor never
+import each other: ``data`` and ``nn`` are two ground floors, ``evaluation`` and ``pseudo_labels`` import ``data``
+(and ``evaluation`` ``nn``), :mod:`uda_sam.media` holds the W&B media the tasks and the callbacks share, and
+:mod:`uda_sam.datamodules` reads only ``data``. Under them all, two helpers that import nothing of the package:
+:mod:`uda_sam.files` and :mod:`uda_sam.checks`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         Synthia,
         make_toy_data,
     )
-    from uda_sam.data.datamodule import UDADataModule
+    from uda_sam.datamodules import UDADataModule
     from uda_sam.evaluation import SegmentationMetrics
     from uda_sam.nn import (
         DeepLabV2,
@@ -99,7 +100,7 @@ _EXPORTS: dict[str, str] = {
     "Synthia": "uda_sam.data",
     "Cityscapes": "uda_sam.data",
     "ImageFolder": "uda_sam.data",
-    "UDADataModule": "uda_sam.data.datamodule",
+    "UDADataModule": "uda_sam.datamodules",
     "SegmentationTransform": "uda_sam.data",
     "make_toy_data": "uda_sam.data",
     "CLASS_NAMES": "uda_sam.data",

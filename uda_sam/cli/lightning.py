@@ -33,7 +33,7 @@ from uda_sam.cli.checkpoint_config import (
 )
 from uda_sam.cli.console import quiet_console
 from uda_sam.cli.run_lock import run_lock
-from uda_sam.data.datamodule import UDADataModule
+from uda_sam.datamodules import UDADataModule
 from uda_sam.tasks import SegmentationTask
 
 __all__ = [
@@ -209,7 +209,7 @@ class DiscardFailedStart(Callback):
 
 
 class UDASamCLI(LightningCLI):
-    """LightningCLI over :class:`~uda_sam.tasks.SegmentationTask` subclasses and :class:`~uda_sam.data.datamodule.UDADataModule`.
+    """LightningCLI over :class:`~uda_sam.tasks.SegmentationTask` subclasses and :class:`~uda_sam.datamodules.UDADataModule`.
 
     Tasks configure their own optimiser and schedule (``auto_configure_optimizers=False``); the seed defaults to 0;
     the resolved config is written (overwriting) next to the logs. ``fit`` stops at once when another live command

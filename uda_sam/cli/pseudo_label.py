@@ -32,7 +32,8 @@ def _same_class(a: object, b: object) -> bool:
 
 
 def merge_network_sections(earlier: dict | None, later: dict) -> dict:
-    """A later config's ``model.init_args.network`` over an earlier one's, as ``uda-sam fit`` merges them.
+    """A later config's ``model.init_args.network`` (or ``data.source``/``data.target``) over an earlier one's, as
+    ``uda-sam fit`` merges them.
 
     Without a ``class_path``, or with the same class, the later ``init_args`` update the earlier ones (so a fragment
     such as ``configs/init/fcn8s_caffe.yaml`` changes the style and keeps the stage's class count); another class
@@ -47,7 +48,7 @@ def merge_network_sections(earlier: dict | None, later: dict) -> dict:
 def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
     from jsonargparse import ArgumentParser
 
-    from uda_sam.data.datamodule import UDADataModule
+    from uda_sam.datamodules import UDADataModule
 
     merged: dict = {}
     for file in config_files:
@@ -56,7 +57,12 @@ def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
             raise FileNotFoundError(f"--config: {path} does not exist")
         raw = yaml.safe_load(path.read_text()) or {}
         if "data" in raw:
-            merged["data"] = {**merged.get("data", {}), **raw["data"]}
+            data = dict(merged.get("data", {}))
+            for key, value in raw["data"].items():
+                # A later file's dataset entry updates the earlier one's arguments, as `uda-sam fit` merges them.
+                reader = key in ("source", "target") and isinstance(value, dict)
+                data[key] = merge_network_sections(data.get(key), value) if reader else value
+            merged["data"] = data
         network = ((raw.get("model") or {}).get("init_args") or {}).get("network")
         if network is not None:
             merged["network"] = merge_network_sections(merged.get("network"), network)

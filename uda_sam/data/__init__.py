@@ -1,11 +1,13 @@
-"""Data: label tables, dataset readers (GTA5, SYNTHIA, Cityscapes), transforms and the toy pair (plain Python and torch).
+"""Datasets in plain torch: label tables, the readers (GTA5, SYNTHIA, Cityscapes, a folder of images), transforms, toy pair.
 
-The UDA datamodule, the one part that needs Lightning, is :class:`uda_sam.data.datamodule.UDADataModule`; it is not
-imported here, so the label tables and readers load without Lightning.
+A reader is one module: a :class:`~uda_sam.data.base.SegmentationDataset` subclass that knows its dataset's on-disk
+layout and label mapping. The Lightning datamodule that pairs a source and a target reader is
+:class:`uda_sam.datamodules.UDADataModule`.
 """
 
 from __future__ import annotations
 
+from uda_sam.data.base import SegmentationDataset
 from uda_sam.data.cityscapes import Cityscapes
 from uda_sam.data.gta5 import GTA5
 from uda_sam.data.image_folder import ImageFolder
@@ -40,6 +42,7 @@ __all__ = [
     "TRAIN_ID_TO_LABEL_ID",
     "Cityscapes",
     "ImageFolder",
+    "SegmentationDataset",
     "SegmentationTransform",
     "Synthia",
     "colorize",

@@ -1,11 +1,14 @@
-"""Shared machinery of the dataset readers: eager layout checks, list files, and the sample pipeline."""
+"""Shared machinery of the dataset readers: layout checks, list files, and the sample pipeline."""
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Self
 
 import cv2
 import numpy as np
@@ -170,34 +173,64 @@ def check_limit(limit: int | None, name: str = "limit") -> int | None:
 
 
 class SegmentationDataset(Dataset):
-    """Base class: a list of :class:`SampleFiles` and a :class:`SegmentationTransform`.
+    """Base class of the readers: the samples of one dataset on disk, read through a :class:`SegmentationTransform`.
 
-    Subclasses fill ``self.samples`` (validated, sorted) in their constructor and implement :meth:`load`, which
-    returns the raw RGB image and the uint8 trainId mask. ``__getitem__`` applies the transform and returns
-    ``{"image": float32 (3, H, W), "mask": int64 (H, W), "name": str}``.
+    A reader's constructor only records its arguments (each kept as the attribute of its name, so that
+    :meth:`replace` can make a changed copy); the files are found, and their layout checked, on first use of
+    :attr:`samples` (``len``, indexing, :attr:`names`). So a config can name a dataset that the command at hand
+    never reads (e.g. the source domain of ``uda-sam predict``). Subclasses implement :meth:`find_samples` and
+    :meth:`load`, which returns the raw RGB image and the uint8 trainId mask. ``__getitem__`` applies the
+    transform and returns ``{"image": float32 (3, H, W), "mask": int64 (H, W), "name": str}``.
+
+    Args:
+        transform: The resize, augmentation and normalisation of every sample (the datamodule builds it);
+            ``None``: native size, ImageNet normalisation, no augmentation.
     """
 
-    samples: list[SampleFiles]
+    def __init__(self, transform: SegmentationTransform | None = None) -> None:
+        self.transform = transform if transform is not None else SegmentationTransform()
 
-    def __init__(
-        self,
-        size: Sequence[int] | None,
-        normalization: Normalization = "imagenet",
-        random_scale: Sequence[float] | None = None,
-        crop_size: Sequence[int] | None = None,
-        hflip: bool = False,
-        resize_mask: bool = True,
-    ) -> None:
-        self.transform = SegmentationTransform(
-            size=size,
-            normalization=normalization,
-            random_scale=random_scale,
-            crop_size=crop_size,
-            hflip=hflip,
-            resize_mask=resize_mask,
-        )
-        self.size = self.transform.size
-        self.normalization = normalization
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """``(width, height)`` the images are resized to (``None``: native)."""
+        return self.transform.size
+
+    @property
+    def normalization(self) -> Normalization:
+        """The normalisation convention of the images."""
+        return self.transform.normalization
+
+    @cached_property
+    def samples(self) -> list[SampleFiles]:
+        """The samples in index order, found and checked on first use (see :meth:`find_samples`)."""
+        return self.find_samples()
+
+    def find_samples(self) -> list[SampleFiles]:
+        """Find the dataset's files and check its layout.
+
+        Raises:
+            FileNotFoundError: naming the missing folder or files and the expected layout.
+            ValueError: naming files that do not fit (e.g. labels not of their image's size).
+        """
+        raise NotImplementedError
+
+    def replace(self, **changes: Any) -> Self:
+        """A reader of the same kind and arguments but for ``changes`` (e.g. another ``transform`` or ``split``)."""
+        parameters = inspect.signature(type(self)).parameters
+        unknown = sorted(set(changes) - set(parameters))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes no argument {', '.join(unknown)}")
+        return type(self)(**{name: getattr(self, name) for name in parameters} | changes)
+
+    def as_config(self) -> dict[str, Any]:
+        """The reader as a config entry, ``{"class_path": ..., "init_args": ...}`` in plain values (no transform)."""
+        init_args = {}
+        for name in inspect.signature(type(self)).parameters:
+            value = getattr(self, name)
+            if name == "transform":
+                continue  # the datamodule's to set
+            init_args[name] = str(value) if isinstance(value, Path) else value
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
     @property
     def names(self) -> list[str]:
@@ -221,4 +254,6 @@ class SegmentationDataset(Dataset):
         return {"image": image_t, "mask": mask_t, "name": self.samples[index].name}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self)} samples, transform={self.transform!r})"
+        # From the arguments alone: no need to read the disk to show a reader.
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.as_config()["init_args"].items())
+        return f"{type(self).__name__}({shown}, transform={self.transform!r})"

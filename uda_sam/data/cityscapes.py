@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -12,13 +11,14 @@ from uda_sam.data.base import (
     SampleFiles,
     SegmentationDataset,
     check_label_sizes,
+    check_limit,
     paired_samples,
     require_dir,
     select_names,
 )
 from uda_sam.data.io import read_label_uint8, read_rgb
 from uda_sam.data.labels import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-from uda_sam.data.transforms import Normalization
+from uda_sam.data.transforms import SegmentationTransform
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -32,7 +32,6 @@ PSEUDO_LAYOUT = (
 
 Split = Literal["train", "val", "test"]
 LabelMode = Literal["gt", "optional", "none"]
-LabelSize = Literal["resized", "full"]
 
 
 class Cityscapes(SegmentationDataset):
@@ -46,58 +45,49 @@ class Cityscapes(SegmentationDataset):
         split: ``"train"``, ``"val"`` or ``"test"``. Cityscapes' public test labels are placeholders (they map to
             all 255): read that split with ``labels="none"``, which needs no ``gtFine/``; a labelled test split
             (the toy pair's) is read like ``val``.
-        size: ``(width, height)`` of the image (1024x512 is the usual), ``None`` = native 2048x1024.
         labels: where masks come from when ``pseudo_label_root`` is ``None``: ``"gt"`` (``gtFine`` labelIds
             mapped to trainIds; every image must have its label file), ``"optional"`` (ground truth where the
             file exists, else all 255), ``"none"`` (all 255, e.g. unlabeled target training images).
-        label_size: ``"resized"`` resizes the mask with the image (nearest); ``"full"`` keeps the mask at its
-            native size (2048x1024) while the image is resized, for evaluation at full resolution.
         pseudo_label_root: folder of pseudo labels; when given, masks come from there (overriding ``labels``)
-            and every image must have its file (checked here, eagerly).
+            and every image must have its file.
         list_file: optional text file with one name per line (``aachen/aachen_000000_000019_leftImg8bit.png``
             as in the ADVENT/BDL lists, or without the suffix); default: all images of the split, sorted.
-        normalization: ``"imagenet"`` or ``"caffe"``.
-        random_scale: optional ``(min, max)`` random rescale factors.
-        crop_size: optional random crop ``(width, height)``.
-        hflip: random horizontal flip.
         limit: keep only the first ``limit`` samples.
+        transform: resize, augmentation and normalisation (see :class:`SegmentationDataset`); a transform
+            that keeps the mask at its native size (``resize_mask=False``) evaluates at full label resolution.
 
     Raises:
-        FileNotFoundError: missing root/sub-folders, no images, images without their label or pseudo-label file.
-        ValueError: invalid arguments; ground-truth labels not of their image's size, or pseudo labels not of its
-            aspect ratio (read from the file headers).
+        FileNotFoundError: on first use: missing root/sub-folders, no images, images without their label or
+            pseudo-label file.
+        ValueError: invalid arguments; on first use: ground-truth labels not of their image's size, or pseudo
+            labels not of its aspect ratio (read from the file headers).
     """
 
     def __init__(
         self,
         root: str | Path,
         split: Split = "train",
-        size: Sequence[int] | None = (1024, 512),
         labels: LabelMode = "gt",
-        label_size: LabelSize = "resized",
         pseudo_label_root: str | Path | None = None,
         list_file: str | Path | None = None,
-        normalization: Normalization = "imagenet",
-        random_scale: Sequence[float] | None = None,
-        crop_size: Sequence[int] | None = None,
-        hflip: bool = False,
         limit: int | None = None,
+        transform: SegmentationTransform | None = None,
     ) -> None:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if labels not in ("gt", "optional", "none"):
             raise ValueError(f"labels must be 'gt', 'optional' or 'none', got {labels!r}")
-        if label_size not in ("resized", "full"):
-            raise ValueError(f"label_size must be 'resized' or 'full', got {label_size!r}")
-        super().__init__(
-            size, normalization, random_scale, crop_size, hflip, resize_mask=label_size == "resized"
-        )
+        super().__init__(transform)
         self.root = Path(root)
         self.split = split
-        self.label_size = label_size
-        self.pseudo_label_root = Path(pseudo_label_root) if pseudo_label_root is not None else None
         self.labels = labels
+        self.pseudo_label_root = Path(pseudo_label_root) if pseudo_label_root is not None else None
+        self.list_file = list_file
+        self.limit = check_limit(limit)
 
+    def find_samples(self) -> list[SampleFiles]:
+        """Every image of the split with its mask file (ground truth, pseudo label or none)."""
+        split, labels = self.split, self.labels
         require_dir(self.root, "Cityscapes root", LAYOUT)
         require_dir(self.root / "leftImg8bit", "Cityscapes image folder", LAYOUT)
         image_dir = require_dir(self.root / "leftImg8bit" / split, f"Cityscapes {split} image folder", LAYOUT)
@@ -114,27 +104,28 @@ class Cityscapes(SegmentationDataset):
         names = select_names(
             images,
             image_dir,
-            list_file,
+            self.list_file,
             (IMAGE_SUFFIX, ".png"),
-            limit,
+            self.limit,
             f"Cityscapes {split} image folder {image_dir} holds no images; expected layout: {LAYOUT}",
         )
         what = f"Cityscapes {split}"
         if self.pseudo_label_root is not None:
             pseudo_dir = require_dir(self.pseudo_label_root, "pseudo_label_root", PSEUDO_LAYOUT)
-            self.samples = paired_samples(
+            samples = paired_samples(
                 names, images, pseudo_dir, what, PSEUDO_LAYOUT, label_kind="pseudo-label file"
             )
         elif labels == "gt":
-            self.samples = paired_samples(names, images, label_dir, what, LAYOUT, label_suffix=LABEL_SUFFIX)
+            samples = paired_samples(names, images, label_dir, what, LAYOUT, label_suffix=LABEL_SUFFIX)
         else:  # "optional": ground truth where its file exists; "none": no labels
             label_files = [label_dir / f"{n}{LABEL_SUFFIX}" if labels == "optional" else None for n in names]
-            self.samples = [
+            samples = [
                 SampleFiles(n, images[n], file if file is not None and file.is_file() else None)
                 for n, file in zip(names, label_files, strict=True)
             ]
         pseudo = self.pseudo_label_root is not None
-        check_label_sizes(self.samples, f"{what} {'pseudo-label' if pseudo else 'gtFine'}", scaled=pseudo)
+        check_label_sizes(samples, f"{what} {'pseudo-label' if pseudo else 'gtFine'}", scaled=pseudo)
+        return samples
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask (all 255 when the sample has no label)."""

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from uda_sam.data.base import SegmentationDataset, paired_samples, require_dir, select_names
+from uda_sam.data.base import (
+    SampleFiles,
+    SegmentationDataset,
+    check_limit,
+    paired_samples,
+    require_dir,
+    select_names,
+)
 from uda_sam.data.io import read_palette_indices, read_rgb
 from uda_sam.data.labels import LABEL_ID_TO_TRAIN_ID
-from uda_sam.data.transforms import Normalization
+from uda_sam.data.transforms import SegmentationTransform
 
 LAYOUT = "{root}/images/NNNNN.png (RGB) and {root}/labels/NNNNN.png (palette PNGs whose indices are Cityscapes labelIds)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,16 +41,13 @@ class GTA5(SegmentationDataset):
         root: GTA5 root holding ``images/`` and ``labels/``.
         image_root: folder of translated images with the same file names (``.png`` or ``.jpg``); labels still
             come from ``root/labels``. ``None`` reads ``root/images``.
-        size: ``(width, height)`` the image and mask are resized to (1280x720 is the usual), ``None`` = native.
         list_file: optional text file with one image name per line (``00001.png``); default: all images, sorted.
-        normalization: ``"imagenet"`` or ``"caffe"``, see :class:`~uda_sam.data.transforms.SegmentationTransform`.
-        random_scale: optional ``(min, max)`` random rescale factors (after the resize).
-        crop_size: optional random crop ``(width, height)``.
-        hflip: random horizontal flip.
         limit: keep only the first ``limit`` samples (after sorting).
+        transform: resize, augmentation and normalisation (see :class:`SegmentationDataset`).
 
     Raises:
-        FileNotFoundError: missing root/sub-folder/list entries, no images, or images without a label file.
+        FileNotFoundError: on first use: missing root/sub-folder/list entries, no images, or images without a
+            label file.
         ValueError: invalid arguments. (Reading a corrupt file later raises ValueError naming it.)
     """
 
@@ -52,28 +55,38 @@ class GTA5(SegmentationDataset):
         self,
         root: str | Path,
         image_root: str | Path | None = None,
-        size: Sequence[int] | None = (1280, 720),
         list_file: str | Path | None = None,
-        normalization: Normalization = "imagenet",
-        random_scale: Sequence[float] | None = None,
-        crop_size: Sequence[int] | None = None,
-        hflip: bool = False,
         limit: int | None = None,
+        transform: SegmentationTransform | None = None,
     ) -> None:
-        super().__init__(size, normalization, random_scale, crop_size, hflip)
+        super().__init__(transform)
         self.root = Path(root)
-        self.translated = image_root is not None
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.list_file = list_file
+        self.limit = check_limit(limit)
+
+    @property
+    def translated(self) -> bool:
+        """Whether the images are style-translated ones from ``image_root``."""
+        return self.image_root is not None
+
+    @property
+    def image_dir(self) -> Path:
+        """The folder the images are read from: ``image_root``, else ``root/images``."""
+        return self.image_root if self.image_root is not None else self.root / "images"
+
+    def find_samples(self) -> list[SampleFiles]:
+        """Every image of ``images/`` (or ``image_root``) with its label file."""
         require_dir(self.root, "GTA5 root", LAYOUT)
         label_dir = require_dir(self.root / "labels", "GTA5 label folder", LAYOUT)
-        if image_root is None:
-            image_dir = require_dir(self.root / "images", "GTA5 image folder", LAYOUT)
+        if self.image_root is None:
+            image_dir = require_dir(self.image_dir, "GTA5 image folder", LAYOUT)
         else:
             image_dir = require_dir(
-                Path(image_root),
+                self.image_dir,
                 "GTA5 image_root",
                 "a folder of translated images named like root/images (NNNNN.png)",
             )
-        self.image_dir, self.label_dir = image_dir, label_dir
 
         images = {
             p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
@@ -81,12 +94,12 @@ class GTA5(SegmentationDataset):
         names = select_names(
             images,
             image_dir,
-            list_file,
+            self.list_file,
             IMAGE_SUFFIXES,
-            limit,
+            self.limit,
             f"GTA5 image folder {image_dir} holds no images; expected layout: {LAYOUT}",
         )
-        self.samples = paired_samples(names, images, label_dir, "GTA5", LAYOUT)
+        return paired_samples(names, images, label_dir, "GTA5", LAYOUT)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask, aligned to a common size."""

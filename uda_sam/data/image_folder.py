@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import numpy as np
 from uda_sam.data.base import SampleFiles, SegmentationDataset, require_dir, summarize
 from uda_sam.data.io import read_rgb
 from uda_sam.data.labels import IGNORE_INDEX
-from uda_sam.data.transforms import Normalization
+from uda_sam.data.transforms import SegmentationTransform
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder"]
 
@@ -30,22 +29,28 @@ class ImageFolder(SegmentationDataset):
 
     Args:
         root: The folder to read.
-        size: ``(width, height)`` the images are resized to before the network; ``None`` = each image's own size.
-        normalization: ``"imagenet"`` or ``"caffe"``, as the network expects.
+        transform: The resize (to the resolution the network was trained at) and normalisation; it must keep
+            the mask at its native size (``resize_mask=False``). ``None``: each image at its own size, ImageNet
+            normalisation.
 
     Raises:
-        FileNotFoundError: If ``root`` is not a folder or holds no image.
-        ValueError: If two files differ only in their suffix (``a.png`` and ``a.jpg``: one output name).
+        ValueError: If ``transform`` resizes the mask.
+        FileNotFoundError: On first use, if ``root`` is not a folder or holds no image.
+        ValueError: On first use, if two files differ only in their suffix (``a.png`` and ``a.jpg``: one output
+            name).
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        size: Sequence[int] | None = (1024, 512),
-        normalization: Normalization = "imagenet",
-    ) -> None:
-        super().__init__(size, normalization, resize_mask=False)
-        self.root = require_dir(Path(root), "predict_root", LAYOUT)
+    def __init__(self, root: str | Path, transform: SegmentationTransform | None = None) -> None:
+        super().__init__(transform if transform is not None else SegmentationTransform(resize_mask=False))
+        if self.transform.resize_mask:
+            raise ValueError(
+                "ImageFolder needs a transform that keeps the mask at the image's size (resize_mask=False)"
+            )
+        self.root = Path(root)
+
+    def find_samples(self) -> list[SampleFiles]:
+        """Every image below ``root``, sorted by path."""
+        require_dir(self.root, "ImageFolder root", LAYOUT)
         files: dict[str, list[Path]] = {}
         for path in sorted(self.root.rglob("*")):
             relative = path.relative_to(self.root)
@@ -56,12 +61,14 @@ class ImageFolder(SegmentationDataset):
         clashes = sorted(name for name, paths in files.items() if len(paths) > 1)
         if clashes:
             raise ValueError(
-                f"predict_root {self.root} holds images that differ only in their suffix, which would write the "
+                f"ImageFolder root {self.root} holds images that differ only in their suffix, which would write the "
                 f"same prediction files: {summarize([', '.join(p.name for p in files[n]) for n in clashes])}"
             )
         if not files:
-            raise FileNotFoundError(f"predict_root {self.root} holds no images; expected layout: {LAYOUT}")
-        self.samples = [SampleFiles(name, paths[0], None) for name, paths in sorted(files.items())]
+            raise FileNotFoundError(
+                f"ImageFolder root {self.root} holds no images; expected layout: {LAYOUT}"
+            )
+        return [SampleFiles(name, paths[0], None) for name, paths in sorted(files.items())]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and an all-255 mask of its size."""

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from uda_sam.data.base import (
+    SampleFiles,
     SegmentationDataset,
     check_label_sizes,
+    check_limit,
     paired_samples,
     require_dir,
     select_names,
 )
 from uda_sam.data.io import read_rgb, read_synthia_label
 from uda_sam.data.labels import SYNTHIA_ID_TO_TRAIN_ID
-from uda_sam.data.transforms import Normalization
+from uda_sam.data.transforms import SegmentationTransform
 
 LAYOUT = (
     "{root}/RGB/NNNNNNN.png (RGB) and {root}/GT/LABELS/NNNNNNN.png "
@@ -33,32 +34,30 @@ class Synthia(SegmentationDataset):
 
     Args:
         root: SYNTHIA root holding ``RGB/`` and ``GT/LABELS/``.
-        size: ``(width, height)`` (the usual 1280x760 is the native size), ``None`` = native.
         list_file: optional text file with one image name per line (``0000000.png``); default: all, sorted.
-        normalization: ``"imagenet"`` or ``"caffe"``.
-        random_scale: optional ``(min, max)`` random rescale factors.
-        crop_size: optional random crop ``(width, height)``.
-        hflip: random horizontal flip.
         limit: keep only the first ``limit`` samples.
+        transform: resize, augmentation and normalisation (see :class:`SegmentationDataset`).
 
     Raises:
-        FileNotFoundError: missing root/sub-folder/list entries, no images, or images without a label file.
-        ValueError: labels not of their image's size (read from the file headers).
+        FileNotFoundError: on first use: missing root/sub-folder/list entries, no images, or images without a
+            label file.
+        ValueError: on first use: labels not of their image's size (read from the file headers).
     """
 
     def __init__(
         self,
         root: str | Path,
-        size: Sequence[int] | None = (1280, 760),
         list_file: str | Path | None = None,
-        normalization: Normalization = "imagenet",
-        random_scale: Sequence[float] | None = None,
-        crop_size: Sequence[int] | None = None,
-        hflip: bool = False,
         limit: int | None = None,
+        transform: SegmentationTransform | None = None,
     ) -> None:
-        super().__init__(size, normalization, random_scale, crop_size, hflip)
+        super().__init__(transform)
         self.root = Path(root)
+        self.list_file = list_file
+        self.limit = check_limit(limit)
+
+    def find_samples(self) -> list[SampleFiles]:
+        """Every image of ``RGB/`` with its label file."""
         require_dir(self.root, "SYNTHIA root", LAYOUT)
         image_dir = require_dir(self.root / "RGB", "SYNTHIA image folder", LAYOUT)
         label_dir = require_dir(self.root / "GT" / "LABELS", "SYNTHIA label folder", LAYOUT)
@@ -67,13 +66,14 @@ class Synthia(SegmentationDataset):
         names = select_names(
             images,
             image_dir,
-            list_file,
+            self.list_file,
             (".png",),
-            limit,
+            self.limit,
             f"SYNTHIA image folder {image_dir} holds no PNG images; expected layout: {LAYOUT}",
         )
-        self.samples = paired_samples(names, images, label_dir, "SYNTHIA", LAYOUT)
-        check_label_sizes(self.samples, "SYNTHIA")
+        samples = paired_samples(names, images, label_dir, "SYNTHIA", LAYOUT)
+        check_label_sizes(samples, "SYNTHIA")
+        return samples
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one image (RGB) and its trainId mask."""

@@ -109,7 +109,7 @@ class SegmentationTransform:
         resize_mask: when ``False`` only the image is resized and the mask keeps its native size (evaluation
             at full label resolution); incompatible with any augmentation.
 
-    Inside :func:`augmentation_seed` (the training loaders of :class:`~uda_sam.data.datamodule.UDADataModule` load every
+    Inside :func:`augmentation_seed` (the training loaders of :class:`~uda_sam.datamodules.UDADataModule` load every
     sample so), a sample's augmentation is drawn from that seed alone. Elsewhere it comes from one generator per
     process, seeded from ``torch.initial_seed()``: data-loader workers then draw different (and, under
     ``seed_everything``, reproducible) augmentations instead of copies of the parent's generator state. Either

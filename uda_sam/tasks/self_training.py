@@ -129,7 +129,7 @@ class SelfTraining(SegmentationTask):
             if target is None:
                 raise ValueError(
                     "SelfTraining with use_target=True or a self_attention loss needs batches "
-                    "{'source': ..., 'target': ...} (use uda_sam.data.UDADataModule)"
+                    "{'source': ..., 'target': ...} (use uda_sam.datamodules.UDADataModule)"
                 )
             logits_t, features_t = self._run(target["image"])
             if self.use_target:

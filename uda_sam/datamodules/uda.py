@@ -1,8 +1,8 @@
-"""The LightningDataModule pairing a labelled source domain (GTA5 or SYNTHIA) with Cityscapes."""
+"""The LightningDataModule pairing a labelled source domain with an unlabelled (or pseudo-labelled) target domain."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -11,149 +11,93 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from uda_sam.data.base import check_limit
-from uda_sam.data.cityscapes import Cityscapes
-from uda_sam.data.gta5 import GTA5
+from uda_sam.data.base import SegmentationDataset, check_limit
 from uda_sam.data.image_folder import ImageFolder
-from uda_sam.data.switchable import SwitchableLabels
-from uda_sam.data.synthia import Synthia
-from uda_sam.data.transforms import (
-    augmentation_seed,
-    check_normalization,
-    check_scale,
-    check_size,
-    sample_seed,
-)
+from uda_sam.data.transforms import SegmentationTransform, check_normalization, check_scale, check_size
+from uda_sam.datamodules.sampling import EpochLoader, EpochSampler, SeededSamples
+from uda_sam.datamodules.switchable import SwitchableLabels
+
+__all__ = ["UDADataModule"]
+
+#: The arguments the datamodule sets on the target reader to read its splits (see ``UDADataModule``).
+TARGET_ARGUMENTS = ("split", "labels", "pseudo_label_root", "list_file", "limit", "transform")
 
 
-def _target_train_set(label_root: str | None, use_pseudo_labels: bool, **options: Any) -> Cityscapes:
-    """The target training set reading the pseudo labels of ``label_root`` (when ``use_pseudo_labels``)."""
-    return Cityscapes(pseudo_label_root=label_root if use_pseudo_labels else None, **options)
+def _check_reader(dataset: object, option: str, example: str, needs: tuple[str, ...] = ("transform",)) -> Any:
+    """``dataset`` if it is a reader taking the arguments ``needs``, else a ValueError naming ``data.{option}``."""
+    expected = f"a dataset reader, in YAML {{class_path: {example}, init_args: {{root: ...}}}}"
+    if not isinstance(dataset, SegmentationDataset):
+        raise ValueError(f"data.{option} must be {expected}; got {dataset!r}")
+    missing = [name for name in needs if name not in inspect.signature(type(dataset)).parameters]
+    if missing:
+        raise ValueError(
+            f"data.{option} must be {expected}; {type(dataset).__name__} lacks the argument(s) {', '.join(missing)} "
+            f"that the datamodule sets on a {option} reader"
+        )
+    return dataset
 
 
-class EpochSampler(DistributedSampler):
-    """This process's share of ``num_samples`` draws an epoch: reshuffled passes over ``size`` items, cycling as needed.
-
-    The order of an epoch depends only on ``seed`` and the epoch number (:meth:`set_epoch`, which Lightning calls at
-    every epoch start), so every process draws the same sequence and keeps every ``num_replicas``-th draw from
-    ``rank`` on. Each draw is an ``(index, augmentation seed)`` pair (read by :class:`SeededSamples`); the seed is
-    :func:`~uda_sam.data.transforms.sample_seed` of ``seed``, the epoch and the draw's position in the whole epoch,
-    so an item drawn twice is augmented twice, differently, and a draw is augmented alike whichever process,
-    worker or run loads it. Being a ``DistributedSampler``, it is not wrapped again by Lightning under DDP.
-    ``start`` skips the first draws of this process's next pass only: a run resumed mid-epoch continues where it
-    stopped.
-
-    Args:
-        size: Items in the dataset.
-        num_samples: Indices an epoch over all processes (a multiple of ``num_replicas``).
-        seed: Base seed of the orders.
-        epoch: The epoch of the first pass.
-        num_replicas: Processes sharing the epoch.
-        rank: This process's index.
-    """
-
-    def __init__(
-        self, size: int, num_samples: int, seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.size = size
-        self.num_samples = num_samples // num_replicas
-        self.total_size = self.num_samples * num_replicas
-        self.epoch = epoch
-        self.start = 0
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        passes = -(-self.total_size // self.size)
-        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)]).tolist()
-        positions = range(self.rank, self.total_size, self.num_replicas)[self.start :]
-        self.start = 0
-        seed, epoch = self.seed, self.epoch
-        return ((order[p], sample_seed(seed, epoch, p)) for p in positions)
+def _target_train_set(dataset: SegmentationDataset, label_root: str | None) -> SegmentationDataset:
+    """The target training set reading the pseudo labels of ``label_root``."""
+    return dataset.replace(pseudo_label_root=label_root)
 
 
-class SeededSamples(Dataset):
-    """A dataset read with ``(index, seed)`` keys: item ``index`` of ``dataset``, augmented from ``seed``.
-
-    The keys come from an :class:`EpochSampler`; see :func:`~uda_sam.data.transforms.augmentation_seed`.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with augmentation_seed(seed):
-            return self.dataset[index]
+def _ground_truth_target_train_set(
+    dataset: SegmentationDataset, label_root: str | None
+) -> SegmentationDataset:
+    """The target training set with its ground truth, whatever pseudo labels exist (``target_labels="gt"``)."""
+    return dataset
 
 
-class EpochLoader(DataLoader):
-    """A training ``DataLoader`` over an :class:`EpochSampler` that Lightning resumes where it stopped.
-
-    Its state (saved in Lightning checkpoints) is the epoch and how many of its batches were given;
-    :meth:`load_state_dict`, which Lightning calls on the new loader of a resumed run before iterating, makes the
-    next pass start with the batch after them, so the resumed steps see the batches an uninterrupted run would.
-    """
-
-    sampler: EpochSampler
-
-    def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
-        self.batches_given = 0
-
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        self.batches_given = self.sampler.start // self.batch_size  # type: ignore[operator]
-        for batch in super().__iter__():
-            self.batches_given += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch and the batches of it given so far."""
-        return {"epoch": int(self.sampler.epoch), "batches": int(self.batches_given)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Continue after the batches recorded by :meth:`state_dict` (at the next epoch after a full one)."""
-        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
-        if batches >= len(self):
-            epoch, batches = epoch + 1, 0
-        self.sampler.set_epoch(epoch)
-        self.sampler.start = batches * self.batch_size  # type: ignore[operator]
+def _read(dataset: Dataset, option: str) -> Dataset:
+    """Find ``dataset``'s files now, so that a wrong root fails in ``setup`` with the option named."""
+    try:
+        len(dataset)  # type: ignore[arg-type]
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"data.{option}: {error}") from error
+    return dataset
 
 
 class UDADataModule(LightningDataModule):
-    """Source images with labels + Cityscapes train images (unlabelled or pseudo-labelled); Cityscapes val for eval.
+    """A labelled source domain + the target domain's train images (unlabelled or pseudo-labelled); target val for eval.
+
+    The two domains are dataset readers (:mod:`uda_sam.data`), given as objects: in YAML ::
+
+        data:
+          source: {class_path: uda_sam.data.GTA5, init_args: {root: data/gta5}}
+          target: {class_path: uda_sam.data.Cityscapes, init_args: {root: data/cityscapes}}
+
+    Each reader knows its dataset's on-disk layout and label mapping; the datamodule builds the transforms once
+    (each domain's size, the training augmentation, the normalisation) and hands them to the readers, and reads
+    the target's splits through the arguments ``split``, ``labels``, ``pseudo_label_root``, ``list_file`` and
+    ``limit`` (those of :class:`~uda_sam.data.Cityscapes`), so a new dataset is one reader module.
 
     Training batches are ``{"source": {"image", "mask", "name"}, "target": {"image", "mask", "name"}}``,
     ``batch_size`` images per domain: one epoch is ``steps_per_epoch`` steps (default: as many as the larger
     domain fills), and each domain draws that many batches, reshuffled every epoch and cycling through its set
-    (:class:`EpochSampler`). Training is iteration-based: set ``trainer.max_steps`` (epochs simply continue).
-    Under DDP every process takes its own share of each epoch. The orders depend only on the seed and the epoch,
-    and the loaders record their position in checkpoints, so a run resumed from any checkpoint sees the batches an
-    uninterrupted run would (:class:`EpochLoader`); no loader draws from the global random generator. The random
-    scale, crop and flip of each training draw depend only on the seed, the epoch and the draw's position in it
-    (:class:`EpochSampler`), so a resumed run augments as an uninterrupted one, whatever its loader workers.
+    (:class:`~uda_sam.datamodules.sampling.EpochSampler`). Training is iteration-based: set ``trainer.max_steps``
+    (epochs simply continue). Under DDP every process takes its own share of each epoch. The orders depend only on
+    the seed and the epoch, and the loaders record their position in checkpoints, so a run resumed from any
+    checkpoint sees the batches an uninterrupted run would (:class:`~uda_sam.datamodules.sampling.EpochLoader`);
+    no loader draws from the global random generator. The random scale, crop and flip of each training draw
+    depend only on the seed, the epoch and the draw's position in it, so a resumed run augments as an
+    uninterrupted one, whatever its loader workers.
 
     Target training masks are the pseudo labels of ``pseudo_label_root`` when set, else all 255. Validation runs on
-    Cityscapes val (image at ``target_size``; mask at full resolution when ``val_label_size="full"``), test on
-    ``test_split`` (val for Cityscapes, whose test labels are not public; the toy pair's labelled ``test``).
-    The toy domain pair (:func:`uda_sam.data.toy.make_toy_data`) is read with ``source="gta5"``.
+    the target's val split (image at ``target_size``; mask at full resolution when ``val_label_size="full"``), test
+    on ``test_split`` (val for Cityscapes, whose test labels are not public; the toy pair's labelled ``test``).
+    The toy domain pair (:func:`uda_sam.data.toy.make_toy_data`) is read with the GTA5 and Cityscapes readers.
 
     Args:
-        source: source dataset format, ``"gta5"`` or ``"synthia"``.
-        source_root: source dataset root (``images/``+``labels/`` for GTA5, ``RGB/``+``GT/LABELS/`` for SYNTHIA).
-        source_image_root: GTA5 only: folder of style-translated images replacing ``source_root/images``.
-        target_root: Cityscapes root (``leftImg8bit/`` and ``gtFine/``).
+        source: the labelled source dataset, e.g. :class:`~uda_sam.data.GTA5` or :class:`~uda_sam.data.Synthia`
+            (its ``root``, ``list_file``, GTA5's translated ``image_root``); its transform is set here.
+        target: the target dataset, e.g. :class:`~uda_sam.data.Cityscapes` (its ``root``; its ``list_file``
+            chooses the training images); its splits, labels and transform are set here.
         source_size: ``(width, height)`` the source images are resized to (1280x720 for GTA5, 1280x760 for
             SYNTHIA), ``None`` = native size.
-        target_size: ``(width, height)`` the Cityscapes images are resized to, ``None`` = native size.
+        target_size: ``(width, height)`` the target images are resized to, ``None`` = native size.
         val_label_size: ``"full"`` evaluates against the native-size labels, ``"resized"`` at ``target_size``.
         pseudo_label_root: folder of target pseudo labels ``{root}/{city}/{city}_{seq}_{frame}.png`` (uint8
             trainIds, 255 ignore); ``None`` = target masks all 255. See :meth:`set_pseudo_label_root`.
@@ -167,14 +111,12 @@ class UDADataModule(LightningDataModule):
         pin_memory: pin batches in page-locked memory (only when CUDA is available).
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
         val_limit: evaluate on the first ``val_limit`` validation images only (``None`` = all 500).
-        source_list_file: optional list of source image names (one per line) instead of every file.
         source_holdout: the last ``source_holdout`` source images (in list or file order) are kept out of
             training, for diagnostics on labelled source images nothing trained on (the SAM's attention quality,
             :meth:`source_holdout_dataset`); 0 trains on every image.
-        target_list_file: optional list of Cityscapes train image names instead of every file.
         target_labels: masks of the target training images: ``"pseudo"`` (the pseudo labels, or all 255 before
-            any exist; the UDA setting) or ``"gt"`` (the Cityscapes ground truth: the target-supervised "Oracle").
-        test_split: the Cityscapes split ``test`` / ``trainer.test`` scores: ``"val"`` (Cityscapes' public
+            any exist; the UDA setting) or ``"gt"`` (the target's ground truth: the target-supervised "Oracle").
+        test_split: the target split ``test`` / ``trainer.test`` scores: ``"val"`` (Cityscapes' public
             labels) or ``"test"`` (a labelled test split, e.g. the toy pair's, for reporting on images that no
             setting was chosen on).
         steps_per_epoch: if set, every training epoch is exactly this many steps (each domain draws
@@ -183,16 +125,18 @@ class UDADataModule(LightningDataModule):
             ``None``: the larger domain's images // (``batch_size`` x processes).
         predict_root: ``uda-sam predict`` reads every PNG/JPEG image below this folder (any tree of sub-folders;
             see :class:`~uda_sam.data.image_folder.ImageFolder`: image at ``target_size``, predictions at each
-            image's own resolution, one image per batch) instead of Cityscapes val; ``None`` = Cityscapes val.
+            image's own resolution, one image per batch) instead of the target's val split; ``None`` = val.
+
+    Raises:
+        ValueError: ``source`` or ``target`` is not a dataset reader (or the target lacks the split arguments),
+            or an option is out of its range.
     """
 
     def __init__(
         self,
         *,
-        source: Literal["gta5", "synthia"] = "gta5",
-        source_root: str,
-        source_image_root: str | None = None,
-        target_root: str,
+        source: SegmentationDataset,
+        target: SegmentationDataset,
         source_size: tuple[int, int] | None = (1280, 720),
         target_size: tuple[int, int] | None = (1024, 512),
         val_label_size: Literal["full", "resized"] = "full",
@@ -207,19 +151,17 @@ class UDADataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_limit: int | None = None,
-        source_list_file: str | None = None,
         source_holdout: int = 0,
-        target_list_file: str | None = None,
         target_labels: Literal["pseudo", "gt"] = "pseudo",
         test_split: Literal["val", "test"] = "val",
         steps_per_epoch: int | None = None,
         predict_root: str | None = None,
     ) -> None:
         super().__init__()
-        if source not in ("gta5", "synthia"):
-            raise ValueError(f"source must be 'gta5' or 'synthia', got {source!r}")
-        if source_image_root is not None and source != "gta5":
-            raise ValueError("source_image_root (translated images) is only supported with source='gta5'")
+        self.source = _check_reader(source, "source", "uda_sam.data.GTA5")
+        self.target = _check_reader(target, "target", "uda_sam.data.Cityscapes", TARGET_ARGUMENTS)
+        if getattr(target, "pseudo_label_root", None) is not None:
+            raise ValueError("data.target must not set pseudo_label_root; set data.pseudo_label_root instead")
         if val_label_size not in ("full", "resized"):
             raise ValueError(f"val_label_size must be 'full' or 'resized', got {val_label_size!r}")
         check_normalization(normalization)
@@ -237,11 +179,10 @@ class UDADataModule(LightningDataModule):
         if not isinstance(source_holdout, int) or source_holdout < 0:
             raise ValueError(f"source_holdout must be a non-negative integer, got {source_holdout!r}")
         self.save_hyperparameters()
+        for option, reader in (("source", source), ("target", target)):
+            if self.hparams.get(option) is reader:  # made in Python: its arguments, in plain values
+                self.hparams[option] = reader.as_config()
 
-        self.source = source
-        self.source_root = source_root
-        self.source_image_root = source_image_root
-        self.target_root = target_root
         self.source_size = check_size(source_size, "source_size")
         self.target_size = check_size(target_size, "target_size")
         self.crop_size = check_size(crop_size, "crop_size")
@@ -256,44 +197,33 @@ class UDADataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.val_limit = val_limit
-        self.source_list_file = source_list_file
         self.source_holdout = source_holdout
-        self.target_list_file = target_list_file
         self.target_labels = target_labels
         self.test_split = test_split
         self.steps_per_epoch = steps_per_epoch
+        self.predict_root = predict_root
+
+        # The transforms, built once and handed to the readers: training (augmented) and evaluation, per domain.
+        augmentation = {"random_scale": self.random_scale, "crop_size": self.crop_size, "hflip": hflip}
+        self.source_transform = SegmentationTransform(self.source_size, normalization, **augmentation)
+        self.source_eval_transform = SegmentationTransform(self.source_size, normalization)
+        self.target_transform = SegmentationTransform(self.target_size, normalization, **augmentation)
+        self.target_eval_transform = SegmentationTransform(self.target_size, normalization)
+        self.val_transform = SegmentationTransform(
+            self.target_size, normalization, resize_mask=val_label_size == "resized"
+        )
+        self.predict_transform = SegmentationTransform(self.target_size, normalization, resize_mask=False)
 
         self.sampler_seed: int | None = None  # fixed at the first training loader, saved in checkpoints
         self.source_train: Dataset | None = None
         self.target_train: SwitchableLabels | None = None
-        self.val_dataset: Cityscapes | None = None
-        self.test_dataset: Cityscapes | None = None
-        self.predict_root = predict_root
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
         self.predict_dataset: Dataset | None = None
 
     # ----------------------------------------------------------------------------------------------- datasets
-    def _augment(self) -> dict[str, Any]:
-        return {
-            "normalization": self.normalization,
-            "random_scale": self.random_scale,
-            "crop_size": self.crop_size,
-            "hflip": self.hflip,
-        }
-
-    def _make_source(self, augment: bool = True) -> Dataset:
-        options = self._augment() if augment else {"normalization": self.normalization}
-        if self.source == "gta5":
-            return GTA5(
-                self.source_root,
-                image_root=self.source_image_root,
-                size=self.source_size,
-                list_file=self.source_list_file,
-                **options,
-            )
-        return Synthia(self.source_root, size=self.source_size, list_file=self.source_list_file, **options)
-
     def _make_source_train(self) -> Dataset:
-        dataset = self._make_source()
+        dataset = _read(self.source.replace(transform=self.source_transform), "source")
         if self.source_holdout == 0:
             return dataset
         kept = len(dataset) - self.source_holdout  # type: ignore[arg-type]
@@ -308,49 +238,31 @@ class UDADataModule(LightningDataModule):
         """The ``source_holdout`` source images kept out of training, without augmentation (``None`` if 0)."""
         if self.source_holdout == 0:
             return None
-        dataset = self._make_source(augment=False)
-        return Subset(dataset, range(len(dataset) - self.source_holdout, len(dataset)))  # type: ignore[arg-type]
+        dataset = _read(self.source.replace(transform=self.source_eval_transform), "source")
+        return Subset(dataset, range(len(dataset) - self.source_holdout, len(dataset)))
 
     def _make_target_train(self) -> SwitchableLabels:
-        build = partial(
-            _target_train_set,
-            use_pseudo_labels=self.target_labels == "pseudo",
-            root=self.target_root,
-            split="train",
-            size=self.target_size,
-            labels="gt" if self.target_labels == "gt" else "none",
-            list_file=self.target_list_file,
-            **self._augment(),
+        pseudo = self.target_labels == "pseudo"
+        dataset = self.target.replace(
+            split="train", labels="none" if pseudo else "gt", transform=self.target_transform
         )
+        build = partial(_target_train_set if pseudo else _ground_truth_target_train_set, dataset)
         return SwitchableLabels(build, self.pseudo_label_root)
 
-    def _make_val(
-        self, limit: int | None, labels: Literal["gt", "optional"] = "gt", split: str = "val"
-    ) -> Cityscapes:
-        return Cityscapes(
-            self.target_root,
-            split=split,
-            size=self.target_size,
-            labels=labels,
-            label_size=self.val_label_size,
-            normalization=self.normalization,
-            limit=limit,
+    def _make_val(self, split: str, limit: int | None = None, labels: str = "gt") -> Dataset:
+        dataset = self.target.replace(
+            split=split, labels=labels, list_file=None, limit=limit, transform=self.val_transform
         )
+        return _read(dataset, "target")
 
-    def target_inference_dataset(self) -> Cityscapes:
+    def target_inference_dataset(self) -> SegmentationDataset:
         """Target **train** images without augmentation, for pseudo-label inference.
 
-        Image at ``target_size``; mask = ground truth (labelIds -> trainIds) where the ``gtFine`` file exists,
-        else all 255; name = ``"{city}/{city}_{seq}_{frame}"``.
+        Image at ``target_size``; mask = ground truth where the target has it, else all 255; name as the
+        reader names it (``"{city}/{city}_{seq}_{frame}"`` for Cityscapes).
         """
-        return Cityscapes(
-            self.target_root,
-            split="train",
-            size=self.target_size,
-            labels="optional",
-            list_file=self.target_list_file,
-            normalization=self.normalization,
-        )
+        dataset = self.target.replace(split="train", labels="optional", transform=self.target_eval_transform)
+        return _read(dataset, "target")  # type: ignore[return-value]
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -368,18 +280,19 @@ class UDADataModule(LightningDataModule):
         """Build (and validate, with errors naming the missing paths) the datasets the stage needs."""
         if stage in (None, "fit"):
             self.source_train = self._make_source_train()
-            self._check_enough(self.source_train, f"source ({self.source})")
+            self._check_enough(self.source_train, f"source ({type(self.source).__name__})")
             self.target_train = self._make_target_train()
-            self._check_enough(self.target_train, "target (Cityscapes train)")
+            _read(self.target_train, "target")
+            self._check_enough(self.target_train, f"target ({type(self.target).__name__} train)")
         if stage in (None, "fit", "validate"):
-            self.val_dataset = self._make_val(self.val_limit)
+            self.val_dataset = self._make_val("val", self.val_limit)
         if stage in (None, "test"):
-            self.test_dataset = self._make_val(None, split=self.test_split)
+            self.test_dataset = self._make_val(self.test_split)
         if stage in (None, "predict"):
             self.predict_dataset = (
-                self._make_val(None, labels="optional")
+                self._make_val("val", labels="optional")
                 if self.predict_root is None
-                else ImageFolder(self.predict_root, size=self.target_size, normalization=self.normalization)
+                else _read(ImageFolder(self.predict_root, transform=self.predict_transform), "predict_root")
             )
 
     # -------------------------------------------------------------------------------------------- loaders
@@ -456,15 +369,15 @@ class UDADataModule(LightningDataModule):
         return self._loader(dataset, self.val_batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        """Cityscapes val with ground truth; under DDP each image is evaluated by exactly one process."""
+        """The target's val split with ground truth; under DDP each image is evaluated by exactly one process."""
         return self._eval_loader(self._require(self.val_dataset, "validate"))
 
     def test_dataloader(self) -> DataLoader:
-        """``test_split`` with ground truth (Cityscapes val by default: its test split has no public labels)."""
+        """The target's ``test_split`` with ground truth (val by default: Cityscapes' test labels are not public)."""
         return self._eval_loader(self._require(self.test_dataset, "test"))
 
     def predict_dataloader(self) -> DataLoader:
-        """Cityscapes val images (masks from ground truth where present), or the images of ``predict_root``.
+        """The target's val images (masks from ground truth where present), or the images of ``predict_root``.
 
         The images of ``predict_root`` come one per batch: their masks (and predictions) have each image's size.
         """
@@ -479,7 +392,7 @@ class UDADataModule(LightningDataModule):
         If the training datasets exist already, the target set for the folder is built (and validated: every
         target image needs its file) at once, and the train loader already made reads it from its next epoch
         on, in its worker processes too (persistent or not): the folder is a value in shared memory
-        (:class:`~uda_sam.data.switchable.SwitchableLabels`). Switch between epochs. Under DDP call it on every rank
+        (:class:`~uda_sam.datamodules.switchable.SwitchableLabels`). Switch between epochs. Under DDP call it on every rank
         after the labels are completely written (e.g. after a barrier).
 
         Raises:
