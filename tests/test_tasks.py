@@ -618,7 +618,9 @@ def test_checkpoint_for_a_prediction_without_the_frozen_sam(
 ) -> None:
     """Checkpoints hold the network's configuration; a SelfTraining built for a prediction (no SAM, no file)
     predicts from a checkpoint with a frozen SAM as the trained task does; only a prediction drops the SAM's weights."""
-    task = SelfTraining(tiny_network(), self_attention=SelfAttentionLoss(str(sam_file(tmp_path / "sam.pt")), weight=0.1))
+    task = SelfTraining(
+        tiny_network(), self_attention=SelfAttentionLoss(str(sam_file(tmp_path / "sam.pt")), weight=0.1)
+    )
     task.network_config = {"class_path": "conftest.TinySegNet", "init_args": {"feature_channels": 8}}
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.fit(task, datamodule=toy_datamodule())
