@@ -37,6 +37,9 @@ FLOORS: list[tuple[str, ...]] = [
 ]
 FLOOR = {layer: number for number, layer_names in enumerate(FLOORS) for layer in layer_names}
 
+#: Layers that skip floors, reading only the named lower layers (stated beside the chain in the docstring and README).
+READS_ONLY: dict[str, tuple[str, ...]] = {"datamodules": ("data",)}
+
 #: The chain as the package docstring and the README write it (the helpers' floor is named apart).
 CHAIN = " -> ".join(", ".join(names) for names in reversed(FLOORS[1:]))
 
@@ -127,14 +130,19 @@ def test_no_module_imports_a_higher_layer_or_one_beside_it() -> None:
 
 
 def test_every_floor_stands_on_the_one_below() -> None:
-    """The chain is no looser than the graph: above the ground floors, each layer imports the floor under it."""
+    """The chain is no looser than the graph: above the ground floors, each layer imports the floor under it, but
+    for the layers that the docstring and the README say read only a lower floor (``READS_ONLY``)."""
     layers = _layer_graph()
     loose = [
         f"{layer} imports nothing of {FLOORS[FLOOR[layer] - 1]}"
         for layer in FLOOR
-        if FLOOR[layer] >= 2 and not layers[layer] & set(FLOORS[FLOOR[layer] - 1])
+        if FLOOR[layer] >= 2 and layer not in READS_ONLY and not layers[layer] & set(FLOORS[FLOOR[layer] - 1])
     ]
     assert not loose, loose
+    for layer, below in READS_ONLY.items():
+        assert layers[layer] - {layer} <= set(below) | set(FLOORS[0]), (
+            f"{layer} imports {sorted(layers[layer])}"
+        )
 
 
 def test_the_docstring_and_the_readme_state_the_chain() -> None:
@@ -143,6 +151,7 @@ def test_the_docstring_and_the_readme_state_the_chain() -> None:
         flat = re.sub(r"\s+", " ", text)
         assert f"`{CHAIN}`" in flat, f"{name} does not state the chain {CHAIN}"
         assert all(f"uda_sam.{helper}" in flat or f"{helper}.py" in flat for helper in FLOORS[0]), name
+        assert "datamodules` reads only ``data``" in flat or "`datamodules` reads only `data`" in flat, name
 
 
 def test_no_import_circle() -> None:
