@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from uda_sam.cli.config_files import load_config
 from uda_sam.cli.entry_point import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,7 +27,7 @@ def rel(path: Path) -> str:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+    return load_config(path)
 
 
 def callbacks(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

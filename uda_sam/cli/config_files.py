@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["BASE_KEY", "ConfigFileError", "config_sources", "expand_config_args", "load_config", "merge_configs"]
+__all__ = [
+    "BASE_KEY",
+    "ConfigFileError",
+    "config_sources",
+    "expand_config_args",
+    "load_config",
+    "merge_configs",
+]
 
 #: The top-level key that names a config's bases.
 BASE_KEY = "_base_"
