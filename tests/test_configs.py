@@ -17,7 +17,9 @@ OVERLAYS = ("logger", "trainer", "init")
 STAGE_CONFIGS = sorted(
     p
     for p in CONFIGS.rglob("*.yaml")
-    if p.relative_to(CONFIGS).parts[0] not in OVERLAYS and p.name != "pipeline.yaml"
+    if p.relative_to(CONFIGS).parts[0] not in OVERLAYS
+    and p.name != "pipeline.yaml"
+    and "_base_" not in p.parts
 )
 PAPER_CONFIGS = [p for p in STAGE_CONFIGS if p.relative_to(CONFIGS).parts[0] != "toy"]
 

@@ -29,7 +29,7 @@ FIXTURE = Path(__file__).parent / "data" / "shipped_datamodules.json"
 CONFIGS = sorted(
     p
     for p in [*(REPO / "configs").rglob("*.yaml"), *(REPO / "examples").rglob("*.yaml")]
-    if "data" in load_config(p) and p.parent.name != "init"
+    if "data" in load_config(p) and p.parent.name not in ("init", "_base_")
 )
 #: Stage configs composed with the fragments that change their data (as `uda-sam fit --config A --config B`).
 COMPOSED = [
