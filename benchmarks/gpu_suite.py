@@ -549,12 +549,12 @@ def sam_floors(sam: dict[str, Any] | None) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- projection
 def config_value(files: list[Path], keys: tuple[str, ...]) -> Any:
-    """The value at ``keys`` in the last of ``files`` (YAML) that sets it."""
-    import yaml
+    """The value at ``keys`` in the last of ``files`` (YAML, with their ``_base_`` files) that sets it."""
+    from uda_sam.cli.config_files import load_config
 
     found = None
     for path in files:
-        node: Any = yaml.safe_load(path.read_text())
+        node: Any = load_config(path)
         for key in keys:
             node = node.get(key) if isinstance(node, dict) else None
         found = found if node is None else node

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from uda_sam.cli.config_files import load_config
 from uda_sam.cli.entry_point import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -16,7 +17,9 @@ OVERLAYS = ("logger", "trainer", "init")
 STAGE_CONFIGS = sorted(
     p
     for p in CONFIGS.rglob("*.yaml")
-    if p.relative_to(CONFIGS).parts[0] not in OVERLAYS and p.name != "pipeline.yaml"
+    if p.relative_to(CONFIGS).parts[0] not in OVERLAYS
+    and p.name != "pipeline.yaml"
+    and "_base_" not in p.parts
 )
 PAPER_CONFIGS = [p for p in STAGE_CONFIGS if p.relative_to(CONFIGS).parts[0] != "toy"]
 
@@ -26,7 +29,7 @@ def rel(path: Path) -> str:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+    return load_config(path)
 
 
 def callbacks(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

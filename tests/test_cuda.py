@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from uda_sam.callbacks import DivergenceMonitor, LastStepCheckpoint, PseudoLabelRegeneration
+from uda_sam.cli.config_files import load_config
 from uda_sam.cli.lightning import UDASamCLI
 from uda_sam.data import Cityscapes, SegmentationTransform
 from uda_sam.data.toy import make_toy_data
@@ -210,7 +211,7 @@ def test_toy_configs_train_on_the_gpu(
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "toy").symlink_to(toy_root, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
-    shipped = yaml.safe_load((REPO / "configs" / "toy" / "no_pseudo.yaml").read_text())
+    shipped = load_config(REPO / "configs" / "toy" / "no_pseudo.yaml")  # with its _base_ files
     assert shipped["trainer"]["accelerator"] == "auto"
     shipped["trainer"]["logger"] = False
     config = tmp_path / "no_pseudo.yaml"

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from torch.utils.data import Dataset, Subset
+
+from uda_sam.cli.config_files import load_config
 
 try:
     from tests.data import fake_datasets as fake
@@ -28,7 +29,7 @@ FIXTURE = Path(__file__).parent / "data" / "shipped_datamodules.json"
 CONFIGS = sorted(
     p
     for p in [*(REPO / "configs").rglob("*.yaml"), *(REPO / "examples").rglob("*.yaml")]
-    if "data" in (yaml.safe_load(p.read_text()) or {}) and p.parent.name != "init"
+    if "data" in load_config(p) and p.parent.name not in ("init", "_base_")
 )
 #: Stage configs composed with the fragments that change their data (as `uda-sam fit --config A --config B`).
 COMPOSED = [
@@ -81,7 +82,7 @@ def build_datamodule(files: tuple[str, ...]) -> Any:
     parser.add_class_arguments(lightning.UDADataModule, "data")
     merged: dict[str, Any] = {}
     for file in files:
-        merged.update(yaml.safe_load((REPO / file).read_text())["data"])
+        merged.update(load_config(REPO / file)["data"])
     config = parser.parse_object({"data": merged})
     return parser.instantiate_classes(config).data
 

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 import uda_sam.pseudo_labels.generation as generation_module
+from uda_sam.cli.config_files import load_config
 from uda_sam.cli.entry_point import main
 from uda_sam.tasks import SegmentationTask, SelfTraining
 
@@ -65,7 +66,7 @@ FAULTS: list[Fault] = [
 
 def stage_config(tmp_path: Path, name: str) -> str:
     """A toy stage config whose last.ckpt is written every 2 steps, its network trained from its initialisation."""
-    config = yaml.safe_load((TOY / name).read_text())
+    config = load_config(TOY / name)
     config["model"]["init_args"]["network"].get("init_args", {}).pop("weights", None)
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("LastStepCheckpoint"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from uda_sam.cli.config_files import load_config
 from uda_sam.cli.entry_point import main
 from uda_sam.cli.pipeline import _claim_output_dir
 from uda_sam.cli.pipeline_config import PipelineConfigError, load_pipeline_config
@@ -200,20 +201,23 @@ def test_bad_stage_argument_gives_one_message(
 def test_refusal_names_what_changed(
     tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A stage config over a base: an edit of the base changes the stage's content.
+    base = tmp_path / "pseudo_only_base.yaml"
+    base.write_text(yaml.safe_dump(load_config(TOY / "pseudo_only.yaml")))
     stage = tmp_path / "pseudo_only.yaml"
-    stage.write_text((TOY / "pseudo_only.yaml").read_text())
+    stage.write_text("_base_: pseudo_only_base.yaml\n")
     path = pipeline_file(tmp_path, toy_root)
     config = yaml.safe_load(path.read_text())
     config["settings"][0]["config"] = str(stage)
     path.write_text(yaml.safe_dump(config))
     _claim_output_dir(load_pipeline_config(path))  # what an earlier run recorded
 
-    stage.write_text(stage.read_text() + "# edited\n")
+    base.write_text(base.read_text() + "# edited\n")
     before, config["generations"] = config["generations"], 3
     path.write_text(yaml.safe_dump(config))
     assert main(["pipeline", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"config file {stage} content changed" in err and f"generations: {before} -> 3" in err
+    assert f"config file {base} content changed" in err and f"generations: {before} -> 3" in err
 
 
 def test_refuses_inconsistent_stages(tmp_path: Path, toy_root: Path) -> None:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from uda_sam.cli.config_files import load_config
+
 if TYPE_CHECKING:
     from uda_sam.tasks import SegmentationTask
 
@@ -62,8 +64,7 @@ def _config_sections(value: str) -> Mapping[str, Any]:
     """The top-level sections of a ``--config`` value (a file or a YAML string); empty when unreadable (the parser
     reports that)."""
     try:
-        text = Path(value).read_text() if Path(value).is_file() else value
-        config = yaml.safe_load(text)
+        config = load_config(value) if Path(value).is_file() else yaml.safe_load(value)
     except (OSError, ValueError, yaml.YAMLError):
         return {}
     return config if isinstance(config, Mapping) else {}

@@ -10,6 +10,7 @@ Examples::
     uda-sam predict --ckpt_path runs/gta5/ours_8_10/checkpoints/last.ckpt --data.predict_root my_frames
     uda-sam evaluate --pred-dir predictions/labelIds --gt-dir data/cityscapes
 
+A config file may extend others through a top-level ``_base_`` key (:mod:`uda_sam.cli.config_files`).
 A bad config or input file ends the command with one message, the package's own, and exit status 2 (set
 ``UDA_SAM_TRACEBACK=1`` to see the traceback instead).
 """
@@ -72,6 +73,10 @@ def usage() -> str:
     lines += [
         "",
         "Example: uda-sam fit --config configs/gta5/no_pseudo.yaml --trainer.devices 2",
+        "",
+        "A config file may extend others: a top-level `_base_: FILE` (or a list of files, relative to the config)",
+        "names what it starts from, and its own keys override theirs (mappings merge key by key, a list is replaced",
+        "whole). `uda-sam fit --config FILE --print_config` prints the result.",
     ]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -31,6 +32,7 @@ from uda_sam.cli.checkpoint_config import (
     read_run_config,
     use_for_prediction,
 )
+from uda_sam.cli.config_files import expand_config_args
 from uda_sam.cli.console import quiet_console
 from uda_sam.cli.run_lock import run_lock
 from uda_sam.datamodules import UDADataModule
@@ -216,6 +218,7 @@ class UDASamCLI(LightningCLI):
     uses its checkpoint or pseudo-label folders (:func:`~uda_sam.cli.run_lock.run_lock`), and refuses to start a
     new run in folders holding another run's checkpoints or pseudo labels (:func:`refuse_earlier_run`); resuming
     with ``--ckpt_path`` is fine. Checkpoints are written whole or not at all (:class:`AtomicCheckpointIO`).
+    A ``--config`` file may extend others through a top-level ``_base_`` key (:mod:`uda_sam.cli.config_files`).
     ``WANDB_MODE=disabled`` turns off W&B loggers even where a config says ``offline: true``, and a command that
     fails before training leaves no offline W&B run behind.
 
@@ -264,6 +267,16 @@ class UDASamCLI(LightningCLI):
                 f"--ckpt_path {self.predict_checkpoint}: its settings do not fit this version of uda-sam ({error}); "
                 f"pass the config it was trained with as well: --config CONFIG --ckpt_path {self.predict_checkpoint}"
             ) from error
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse the command, each ``--config`` file's ``_base_`` files merged into it (the parser gets the merged
+        YAML in place of the file name)."""
+        if args is None:  # from the command line
+            self.config = parser.parse_args(expand_config_args(sys.argv[1:]))
+        elif isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:
+            super().parse_arguments(parser, expand_config_args(args))
 
     def before_instantiate_classes(self) -> None:
         """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline; make their run folders. For

@@ -33,6 +33,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from uda_sam.cli.config_files import config_sources
 from uda_sam.cli.pipeline_config import (
     PipelineConfig,
     PipelineConfigError,
@@ -52,13 +53,15 @@ OWNER_FILE = "pipeline.json"
 
 # --------------------------------------------------------------------------------------------------- the output folder
 def _owner_record(config: PipelineConfig) -> dict[str, Any]:
-    """What makes an output folder this pipeline's: the stage configs' contents and arguments."""
+    """What makes an output folder this pipeline's: the stage configs' contents (with their ``_base_`` files) and
+    arguments."""
     record = asdict(config)
     record.pop("source_file")
     contents = {}
     for stage in [config.no_pseudo, config.sam_pretraining, config.oracle, *config.settings]:
         for file in stage.config if stage else []:
-            contents[file] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+            for source in config_sources(file):
+                contents[str(source)] = hashlib.sha256(source.read_bytes()).hexdigest()
     record["config_sha256"] = contents
     return record
 

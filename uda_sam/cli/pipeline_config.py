@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from uda_sam.cli.config_files import load_config
+
 __all__ = ["PipelineConfig", "PipelineConfigError", "StageConfig", "config_value", "load_pipeline_config"]
 
 
@@ -179,7 +181,7 @@ def config_value(stage: StageConfig, dotted: str, default: Any, extra_args: Sequ
     """
     value = default
     for config in stage.config:
-        node: Any = yaml.safe_load(Path(config).read_text()) or {}
+        node: Any = load_config(config)
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:

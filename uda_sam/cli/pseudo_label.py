@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
+
+from uda_sam.cli.config_files import load_config
 
 __all__ = ["main"]
 
@@ -55,7 +56,7 @@ def _build(config_files: Sequence[str]) -> tuple[torch.nn.Module, object]:
         path = Path(file)
         if not path.is_file():
             raise FileNotFoundError(f"--config: {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_config(path)
         if "data" in raw:
             data = dict(merged.get("data", {}))
             for key, value in raw["data"].items():
