@@ -28,6 +28,21 @@ torch.set_num_threads(2)
 TOY_SIZE = (64, 32)
 TOY_SOURCE_SIZE = (72, 40)
 
+#: The toy stage configs (configs/toy) and the arguments that shrink them to the session toy set and two steps.
+TOY_CONFIGS = REPO_ROOT / "configs" / "toy"
+SMALL_TOY_RUN = [
+    "--data.source_size=[72, 40]",
+    "--data.target_size=[64, 32]",
+    "--data.batch_size=2",
+    "--data.val_batch_size=2",
+    "--data.source_holdout=1",
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
 
 class TinySegNet(SegmentationNetwork):
     """A few-thousand-parameter stand-in for DeepLabV2 under the same contract (output stride 8).

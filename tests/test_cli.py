@@ -15,26 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SMALL_TOY_RUN, TOY_CONFIGS
 
 from uda_sam.cli.entry_point import EXTRA_COMMANDS, main
 from uda_sam.nn import DeepLabV2
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "configs" / "toy"
+TOY = TOY_CONFIGS
+SMALL = SMALL_TOY_RUN
 
-# Shrinks the toy configs to the session toy set (64x32 target, 72x40 source) and two steps.
-SMALL = [
-    "--data.source_size=[72, 40]",
-    "--data.target_size=[64, 32]",
-    "--data.val_batch_size=2",
-    "--data.batch_size=2",
-    "--data.source_holdout=1",
-    "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 NO_LOGGER = ["--trainer.logger=false"]
 
 

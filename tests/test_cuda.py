@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import SMALL_TOY_RUN
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
@@ -33,19 +34,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-# The toy stage configs shrunk to the session toy set (64x32 target, 72x40 source) and two steps.
-SMALL_TOY_RUN = [
-    "--data.source_size=[72, 40]",
-    "--data.target_size=[64, 32]",
-    "--data.batch_size=2",
-    "--data.val_batch_size=2",
-    "--data.source_holdout=1",
-    "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 
 
 def toy_network(seed: int = 0) -> DeepLabV2:

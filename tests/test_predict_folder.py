@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_TOY_RUN, TOY_CONFIGS
 from PIL import Image
 
 from uda_sam.data import GTA5, Cityscapes, SegmentationTransform
@@ -75,21 +76,9 @@ def test_bad_folders(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- predict from a checkpoint alone
-TOY = Path(__file__).resolve().parents[1] / "configs" / "toy"
+TOY = TOY_CONFIGS
 # The toy configs shrunk to the session toy set and two steps, without W&B.
-SMALL = [
-    "--data.source_size=[72, 40]",
-    "--data.target_size=[64, 32]",
-    "--data.val_batch_size=2",
-    "--data.batch_size=2",
-    "--data.source_holdout=1",
-    "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger=false",
-]
+SMALL = [*SMALL_TOY_RUN, "--trainer.logger=false"]
 QUIET = ["--trainer.enable_progress_bar=false"]
 
 
