@@ -78,12 +78,16 @@ def _read_mapping(path: Path, named_by: Path | None) -> dict[str, Any]:
     return content
 
 
-def _load(path: Path, named_by: Path | None, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _load(
+    path: Path, named_by: Path | None, chain: tuple[Path, ...], sources: dict[Path, int]
+) -> dict[str, Any]:
+    """The merged config of ``path``; every file read is recorded in ``sources`` with its depth below the first."""
     key = path.resolve()
     if key in chain:
         cycle = " -> ".join(str(p) for p in (*chain[chain.index(key) :], key))
         raise ConfigFileError(f"config file {path} extends itself through {BASE_KEY}: {cycle}")
     content = _read_mapping(path, named_by)
+    sources.setdefault(path, len(chain))
     bases = content.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
@@ -93,7 +97,7 @@ def _load(path: Path, named_by: Path | None, chain: tuple[Path, ...]) -> dict[st
         )
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge_configs(merged, _load(path.parent / base, path, (*chain, key)))
+        merged = merge_configs(merged, _load(path.parent / base, path, (*chain, key), sources))
     return merge_configs(merged, content)
 
 
@@ -104,7 +108,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         ConfigFileError: Naming the file, when the file or a base is missing, is not a YAML mapping, or the bases
             form a cycle.
     """
-    return _load(Path(path), None, ())
+    return _load(Path(path), None, (), {})
 
 
 def config_sources(path: str | Path) -> list[Path]:
@@ -113,14 +117,9 @@ def config_sources(path: str | Path) -> list[Path]:
     Raises:
         ConfigFileError: As :func:`load_config`.
     """
-    load_config(path)  # a missing base or a cycle: its error
-    sources = [Path(path)]
-    for source in sources:  # grows as bases are found
-        bases = _read_mapping(source, None).get(BASE_KEY, [])
-        for base in [bases] if isinstance(bases, str) else bases:
-            if source.parent / base not in sources:
-                sources.append(source.parent / base)
-    return sources
+    sources: dict[Path, int] = {}
+    _load(Path(path), None, (), sources)
+    return sorted(sources, key=sources.__getitem__)  # by depth; in the order the bases are named
 
 
 def _expanded(value: str) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -172,6 +172,9 @@ def check_limit(limit: int | None, name: str = "limit") -> int | None:
     return limit
 
 
+_Reader = TypeVar("_Reader", bound="SegmentationDataset")
+
+
 class SegmentationDataset(Dataset):
     """Base class of the readers: the samples of one dataset on disk, read through a :class:`SegmentationTransform`.
 
@@ -214,7 +217,7 @@ class SegmentationDataset(Dataset):
         """
         raise NotImplementedError
 
-    def replace(self, **changes: Any) -> Self:
+    def replace(self: _Reader, **changes: Any) -> _Reader:
         """A reader of the same kind and arguments but for ``changes`` (e.g. another ``transform`` or ``split``)."""
         parameters = inspect.signature(type(self)).parameters
         unknown = sorted(set(changes) - set(parameters))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .backbones import load_weights_only
 
-__all__ = ["SegmentationNetwork", "Style", "check_images", "check_size"]
+__all__ = ["SegmentationNetwork", "Style", "check_images", "check_size", "checkpoint_network_state"]
 
 #: Where a network follows torchvision's conventions (``"pytorch"``) or the published Caffe-derived models of the
 #: UDA literature (``"caffe"``): mmcv/mmseg's names. What each style changes is said by each network.
@@ -44,6 +44,14 @@ def check_size(size: tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or not all(int(s) > 0 for s in size):
         raise ValueError(f"size must be a (height, width) pair of positive integers; got {size!r}")
     return int(size[0]), int(size[1])
+
+
+def checkpoint_network_state(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The network of a uda-sam Lightning checkpoint: its ``state_dict``'s ``network.*`` entries, prefix removed
+    (empty when it has none)."""
+    state = checkpoint.get("state_dict")
+    entries = state.items() if isinstance(state, Mapping) else ()
+    return {k.removeprefix("network."): v for k, v in entries if k.startswith("network.")}
 
 
 class SegmentationNetwork(nn.Module, ABC):
@@ -155,8 +163,7 @@ class SegmentationNetwork(nn.Module, ABC):
         except ValueError as error:
             raise ValueError(f"{prefix}{error}; expected {expected}") from error
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # a Lightning checkpoint
-            entries = obj["state_dict"].items()
-            obj = {k.removeprefix("network."): v for k, v in entries if k.startswith("network.")}
+            obj = checkpoint_network_state(obj)
             if not obj:
                 raise ValueError(
                     f"{prefix}{file} holds no network weights (no 'network.*' entries); expected {expected}"

@@ -27,7 +27,7 @@ import torch
 from uda_sam.files import write_atomically
 
 from .backbones import load_weights_only
-from .network import SegmentationNetwork
+from .network import SegmentationNetwork, checkpoint_network_state
 from .sam import SelfAttentionModule
 
 __all__ = [
@@ -247,8 +247,7 @@ def load_sam(
 def _lightning_network_weights(
     obj: Any, path: str | os.PathLike[str], option: str
 ) -> dict[str, torch.Tensor]:
-    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
-    weights = {k[len("network.") :]: v for k, v in (state or {}).items() if k.startswith("network.")}
+    weights = checkpoint_network_state(obj) if isinstance(obj, Mapping) else {}
     if not weights:
         raise ValueError(
             f"{option}: {path} holds no network weights; expected a Lightning checkpoint of a uda_sam task "
