@@ -258,6 +258,15 @@ def main() -> None:
     parser.add_argument("--student-lr", type=float, default=2e-3)
     parser.add_argument("--joint", action="store_true", help="one forward pass over source + target batches")
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep / reuse trained teachers in")
+    parser.add_argument("--source-count", type=int, default=200, help="source images (the toy's num_source)")
+    parser.add_argument(
+        "--target-count", type=int, default=200, help="target train images (num_target_train)"
+    )
+    parser.add_argument(
+        "--target-statistics",
+        action="store_true",
+        help="pseudo labels from the teacher with its BatchNorm statistics re-estimated on the target train images",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="append a JSON line per seed here")
     args = parser.parse_args()
@@ -271,8 +280,8 @@ def main() -> None:
     palette_name = f"{args.palette}@{realism}" + ("" if args.norm == "batch" else f"-{args.norm}")
     start = time.perf_counter()
     ds = args.data_seed
-    source = render_split("source", 0, 200, (288, 160), (144, 80), ds)
-    target = render_split("target", 1, 200, (256, 128), (128, 64), ds)
+    source = render_split("source", 0, args.source_count, (288, 160), (144, 80), ds)
+    target = render_split("target", 1, args.target_count, (256, 128), (128, 64), ds)
     evaluation = render_split(
         "target",
         2 if args.eval_split == "val" else 3,
@@ -286,7 +295,12 @@ def main() -> None:
     for seed in args.seeds:
         t0 = time.perf_counter()
         teacher = None
-        cached = args.cache / f"teacher_{palette_name}_d{ds}_s{seed}_{args.steps}.pt" if args.cache else None
+        sources = "" if args.source_count == 200 else f"_n{args.source_count}"
+        cached = (
+            args.cache / f"teacher_{palette_name}_d{ds}{sources}_s{seed}_{args.steps}.pt"
+            if args.cache
+            else None
+        )
         if cached is not None and cached.is_file():
             teacher = tiny_net()
             teacher.load_state_dict(torch.load(cached))
@@ -296,10 +310,11 @@ def main() -> None:
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(teacher.state_dict(), cached)
-        adabn = np.nanmean(score(with_target_statistics(teacher, target.images), evaluation)) * 100
-        print(f"seed {seed}: No Pseudo with target BatchNorm statistics {adabn:.1f}", flush=True)
+        teacher_adabn = np.nanmean(score(with_target_statistics(teacher, target.images), evaluation)) * 100
+        print(f"seed {seed}: No Pseudo with target BatchNorm statistics {teacher_adabn:.1f}", flush=True)
         teacher_iou = score(teacher, evaluation)
-        conf, pred = predict(teacher, target.images)
+        labeller = with_target_statistics(teacher, target.images) if args.target_statistics else teacher
+        conf, pred = predict(labeller, target.images)
         labels, tau = pseudo_labels(conf, pred, args.cap)
         quality = label_quality(labels, target.masks)
         print(
@@ -324,9 +339,11 @@ def main() -> None:
                 freeze_bn=args.freeze_bn,
                 lr=args.student_lr,
             )
-            adabn = np.nanmean(score(with_target_statistics(student, target.images), evaluation)) * 100
+            student_adabn = (
+                np.nanmean(score(with_target_statistics(student, target.images), evaluation)) * 100
+            )
             print(
-                f"seed {seed}: Pseudo-Only ({student_init}) with target BatchNorm statistics {adabn:.1f}",
+                f"seed {seed}: Pseudo-Only ({student_init}) with target BatchNorm statistics {student_adabn:.1f}",
                 flush=True,
             )
             report(
@@ -340,11 +357,22 @@ def main() -> None:
                 quality,
                 tau,
                 t0,
+                {"no_pseudo": float(teacher_adabn), "pseudo_only": float(student_adabn)},
             )
 
 
 def report(
-    args, seed, student_init, palette_name, teacher_iou, student_iou, oracle_iou, quality, tau, t0
+    args,
+    seed,
+    student_init,
+    palette_name,
+    teacher_iou,
+    student_iou,
+    oracle_iou,
+    quality,
+    tau,
+    t0,
+    target_stats,
 ) -> None:
     student_steps = args.student_steps or args.steps
     record = {
@@ -352,13 +380,17 @@ def report(
         "student_init": student_init,
         "joint": args.joint,
         "freeze_bn": args.freeze_bn,
+        "labels_target_statistics": args.target_statistics,
         "student_lr": args.student_lr,
         "palette": palette_name,
         "steps": args.steps,
+        "source_count": args.source_count,
+        "target_count": args.target_count,
         "student_steps": student_steps,
         "no_pseudo": float(np.nanmean(teacher_iou) * 100),
         "pseudo_only": float(np.nanmean(student_iou) * 100),
         "oracle": None if oracle_iou is None else float(np.nanmean(oracle_iou) * 100),
+        "with_target_statistics": target_stats,  # both networks scored with BatchNorm statistics of the target
         "labels_kept": float(quality["kept"]),
         "labels_correct": float(quality["correct"]),
         "per_class": {
