@@ -7,9 +7,10 @@ Usage (from the repository root; no install needed, the source tree is put on ``
     ${PYTHON:-python3} benchmarks/gpu_suite.py --smoke --out-dir /tmp/smoke    # the same flow on the CPU, tiny sizes
 
 The steps, in order of value: the SAM kernels (``sam.py``); the training step at 1024x512, plain PyTorch vs
-Lightning, fp32 vs bf16, with and without the SAM (``train_step.py``); a pseudo-label generation vs plain inference
-(``generation.py``); the steps of the paper's GTA5 protocol with 1280x720 sources; a 2048x1024 step with the SAM;
-the CUDA checks (``pytest -m cuda``).
+Lightning, fp32 vs bf16, with and without the SAM (``train_step.py``); a profile of the plain loop's step in bf16
+and fp32, NCHW and channels_last (``train_step.py --profile``: the evidence for the bf16 floor); a pseudo-label
+generation vs plain inference (``generation.py``); the steps of the paper's GTA5 protocol with 1280x720 sources; a
+2048x1024 step with the SAM; the CUDA checks (``pytest -m cuda``).
 
 Each step runs in its own process with a time box: the script measures until its step counts or its box, whichever
 comes first, and writes what it has. The process is killed ``GRACE_S`` seconds after its box (a hung kernel cannot
@@ -17,8 +18,9 @@ eat the budget), and a step starts only if its box and that grace fit in what is
 writes ``<name>.md`` / ``.json`` and a log into ``<out-dir>/gpu_<machine>/`` the moment it ends and prints one line;
 after every step the suite rewrites the summary ``<out-dir>/gpu_<machine>.md`` / ``.json`` (machine, versions, each
 step's status, the floors as PASS / FAIL / not measured, the projected wall time of the paper's protocol) and one
-archive ``gpu_<machine>.tar.gz`` of them all, and copies those three files to ``--export``. A run cut off from
-outside therefore still leaves every step that ended. ``--smoke`` writes ``gpu_smoke_<machine>.*`` instead.
+archive ``gpu_<machine>.tar.gz`` of them all (a step's folder of further files too, such as the profile tables of
+``train_profile``), and copies those three files to ``--export``. A run cut off from outside therefore still leaves
+every step that ended. ``--smoke`` writes ``gpu_smoke_<machine>.*`` instead.
 
 Before anything else the suite checks that each package the steps need can be found (nothing is imported), and stops
 in its first second with one line naming those missing; of them it uses only PyYAML itself (to read the pipeline
@@ -65,6 +67,8 @@ REQUIRED = {
 #: Seconds between a step's time box and the kill of its process (start-up, writing, one step past the box).
 GRACE_S = 10.0
 SMOKE_GRACE_S = 15.0
+#: In a step's arguments: its folder of files (``<out-dir>/gpu_<machine>/``), for files beyond ``<name>.*``.
+STEPS_DIR = "{steps_dir}"
 #: Seconds of the budget kept for the final summary and archive.
 RESERVE_S = 5.0
 DEFAULT_BUDGET_S = 420.0
@@ -85,6 +89,8 @@ class Step:
     smoke_args: tuple[str, ...]
     script: str | None = None  # a benchmarks/ script; None: the CUDA checks (pytest)
     min_box_s: float = 0.0  # on a GPU, the least box it is given when the budget cannot hold every full box
+    # A folder of further files it writes into the steps' folder (archived with them).
+    folder: str | None = None
 
     def box(self, smoke: bool) -> float:
         return self.smoke_box_s if smoke else self.box_s
@@ -125,6 +131,43 @@ STEPS: tuple[Step, ...] = (
         (*_TRAIN_TINY, "--size", "64", "32", "--variants", "plain-fp32", "lightning-fp32"),
         script="train_step.py",
         min_box_s=90,
+    ),
+    # The evidence for the bf16 floor: where the plain loop's step spends its time. The bf16 variants come first
+    # (the step that fails to be faster, then its NHWC form); each variant pays cuDNN's algorithm search once.
+    Step(
+        "train_profile",
+        "training step profile at 1024x512: plain loop, bf16 and fp32, NCHW and channels_last (torch.profiler)",
+        45,
+        25,
+        (
+            "--device",
+            "cuda",
+            "--warmup",
+            "2",
+            "--steps",
+            "8",
+            "--variants",
+            "plain-bf16",
+            "plain-bf16-cl",
+            "plain-fp32",
+            "plain-fp32-cl",
+            "--profile",
+            f"{STEPS_DIR}/train_profile",
+        ),  # fmt: skip
+        (
+            *_TRAIN_TINY,
+            "--size",
+            "64",
+            "32",
+            "--variants",
+            "plain-fp32",
+            "plain-fp32-cl",
+            "--profile",
+            f"{STEPS_DIR}/train_profile",
+        ),  # fmt: skip
+        script="train_step.py",
+        min_box_s=25,
+        folder="train_profile",
     ),
     Step(
         "generation",
@@ -333,7 +376,8 @@ def step_command(step: Step, smoke: bool, steps_dir: Path, tmp_dir: Path, box_s:
         return [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
                 "--basetemp", str(tmp_dir / "pytest"), "--junitxml", str(steps_dir / f"{step.name}.xml"),
                 "tests/test_cuda.py", "tests/test_metrics.py"]  # fmt: skip
-    return [sys.executable, str(BENCHMARKS / step.script), *(step.smoke_args if smoke else step.args),
+    args = [arg.replace(STEPS_DIR, str(steps_dir)) for arg in (step.smoke_args if smoke else step.args)]
+    return [sys.executable, str(BENCHMARKS / step.script), *args,
             "--out-dir", str(steps_dir), "--stem", step.name, "--time-box", f"{box_s:g}"]  # fmt: skip
 
 
@@ -433,6 +477,10 @@ def run_step(step: Step, smoke: bool, steps_dir: Path, tmp_dir: Path, box_s: flo
         record.headline = written.get("headline") or last_line(log)
         record.status = step_status(code, written)
     record.files = sorted(p.name for p in steps_dir.glob(f"{step.name}.*"))
+    if step.folder is not None:
+        record.files += sorted(
+            f"{step.folder}/{p.name}" for p in (steps_dir / step.folder).glob("*") if p.is_file()
+        )
     return record
 
 
@@ -480,15 +528,47 @@ def lightning_floors(train: dict[str, Any] | None) -> list[dict[str, str]]:
     return rows
 
 
-def bf16_floor(train: dict[str, Any] | None) -> dict[str, str]:
-    """The bf16 step (Lightning) <= 0.72x the fp32 plain-loop step."""
+def bf16_floor(train: dict[str, Any] | None, profile: dict[str, Any] | None = None) -> dict[str, str]:
+    """The bf16 step (Lightning) <= 0.72x the fp32 plain-loop step; the train_profile step's figures beside it."""
     name = "bf16 step <= 0.72x the fp32 plain step"
     bf16, fp32 = variant(train, "lightning-bf16"), variant(train, "plain-fp32")
+    evidence = profile_evidence(profile)
     if train is None or bf16 is None or fp32 is None:
-        return floor(name, None, "needs lightning-bf16 and plain-fp32 of the train_step step")
+        return floor(name, None, "needs lightning-bf16 and plain-fp32 of the train_step step" + evidence)
     ratio = bf16["iteration_ms"] / fp32["iteration_ms"]
     return floor(name, ratio <= 0.72, f"lightning-bf16 {bf16['iteration_ms']:.1f} / plain-fp32 "
-                                      f"{fp32['iteration_ms']:.1f} ms/iteration = x{ratio:.3f} ({size_text(train)})")  # fmt: skip
+                                      f"{fp32['iteration_ms']:.1f} ms/iteration = x{ratio:.3f} ({size_text(train)})"
+                                      + evidence)  # fmt: skip
+
+
+#: The variants of the train_profile step, in the order its figures are quoted.
+PROFILE_VARIANTS = ("plain-fp32", "plain-bf16", "plain-fp32-cl", "plain-bf16-cl")
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f} %"
+
+
+def profile_evidence(profile: dict[str, Any] | None) -> str:
+    """The train_profile step's figures quoted with the bf16 floor ('' without them): the plain loop's
+    ms/iteration in NCHW and channels_last, bf16 / fp32 in each, and each profile's conv and layout/copy shares."""
+    measured = {n: v for n in PROFILE_VARIANTS if (v := variant(profile, n))}
+    if not measured:
+        return ""
+    times = ", ".join(f"{n} {v['iteration_ms']:.1f}" for n, v in measured.items())
+    ratios = [
+        f"bf16/fp32 {label} x{measured[f'plain-bf16{suffix}']['iteration_ms'] / measured[f'plain-fp32{suffix}']['iteration_ms']:.3f}"
+        for suffix, label in (("", "NCHW"), ("-cl", "channels_last"))
+        if f"plain-bf16{suffix}" in measured and f"plain-fp32{suffix}" in measured
+    ]  # fmt: skip
+    shares = ", ".join(
+        f"{n} {percent(v['profile']['conv_share'])} / {percent(v['profile']['layout_share'])}"
+        for n, v in measured.items()
+        if v.get("profile")
+    )
+    text = f"; train_profile, plain loop, ms/iteration: {times}"
+    text += f" ({'; '.join(ratios)})" if ratios else ""
+    return text + (f"; profile, conv / layout-copy share of busy time: {shares}" if shares else "")
 
 
 def sam_share_floor(train: dict[str, Any] | None) -> dict[str, str]:
@@ -651,7 +731,7 @@ def floors(results: dict[str, dict[str, Any] | None]) -> list[dict[str, str]]:
     train = results.get("train_step")
     return [
         *lightning_floors(train),
-        bf16_floor(train),
+        bf16_floor(train, results.get("train_profile")),
         sam_share_floor(train),
         large_step_floor(results.get("large_step")),
         generation_floor(results.get("generation")),
@@ -721,8 +801,35 @@ def summary(args: argparse.Namespace, machine: dict[str, Any], records: list[Ste
         "device": device,
         "steps": [asdict(r) for r in records],
         "floors": floors(results),
+        "profile": profile_summary(results.get("train_profile")),
         "projection": projection(results.get("source_step"), results.get("generation")),
     }
+
+
+def profile_summary(profile: dict[str, Any] | None) -> dict[str, Any]:
+    """Each variant of the train_profile step: its ms/iteration, its error or the totals of its profile."""
+    return {
+        name: {"iteration_ms": v.get("iteration_ms"), "error": v.get("error"), "profile": v.get("profile")}
+        for name, v in (profile or {}).get("variants", {}).items()
+    }
+
+
+def profile_lines(profile: dict[str, Any], folder: str) -> list[str]:
+    """The summary's lines on the train_profile step (none when it did not run)."""
+    if not profile:
+        return []
+    lines = ["", "## Profile of the training step (train_profile)", ""]
+    for name, v in profile.items():
+        if v["error"]:
+            lines.append(f"- {name}: {v['error']}")
+            continue
+        totals = v["profile"]
+        text = f"{totals['text']}; `{folder}/train_profile/{totals['file']}`" if totals else "not profiled"
+        lines.append(f"- {name}: {v['iteration_ms']:.1f} ms/iteration; {text}")
+    lines += ["", "Busy time: the device's on a GPU (kernels, copies), the CPU operators' in the rehearsal; conv: "
+              "kernels launched by convolution operators; layout/copy: kernels named like nchwToNhwc, nhwcToNchw, "
+              "transpose, convert, copy, cast (benchmarks/profiling.py)."]  # fmt: skip
+    return lines
 
 
 def summary_markdown(record: dict[str, Any], folder: str) -> str:
@@ -751,6 +858,7 @@ def summary_markdown(record: dict[str, Any], folder: str) -> str:
                      f"| {step['headline'].replace('|', '/')} |")  # fmt: skip
     lines += ["", "## Floors", "", "| floor | verdict | figures |", "|---|---|---|"]
     lines += [f"| {f['floor']} | {f['verdict']} | {f['figures']} |" for f in record["floors"]]
+    lines += profile_lines(record.get("profile") or {}, folder)
     lines += ["", "## Projected wall time of the GTA5 protocol", "", *projection_lines(record["projection"])]
     return "\n".join(lines) + "\n"
 

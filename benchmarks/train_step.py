@@ -13,7 +13,9 @@ built from the package's parameter groups, and the poly schedule stepped every i
 - ``...-nosam``: the same with ``lambda = 0`` (the SAM is neither built nor run): the SAM's share of the step;
 - ``lightning-<prec>-stage0`` / ``-stage1``: the source-only steps of stage 0 (``SegmentationTask``) and of SAM
   pretraining (``SAMPretraining``), the other two step kinds of the full pipeline;
-- ``...-compile``: the network compiled in place with ``torch.compile`` (``--compile`` adds the bf16 pair).
+- ``...-compile``: the network compiled in place with ``torch.compile`` (``--compile`` adds the bf16 pair);
+- ``...-cl``: the network and the input images in ``torch.channels_last`` (NHWC) memory format, e.g.
+  ``plain-bf16-cl``: cuDNN's tensor-core convolutions work in NHWC, so NCHW tensors are converted around them.
 
 Every variant starts from the same weights (one seeded network with ``pretrained=None``, made trainable by
 :func:`prepare_random_network`: residual-branch BatchNorm scales 0.1, statistics measured on random images) and
@@ -37,12 +39,20 @@ step that ends its share (its figures then cover fewer timed steps, counted in t
 warm-up and ``MIN_TIMED_STEPS`` timed steps unless the whole box is used up; variants left when the box is used up
 are recorded as skipped. The default variants come in the order the targets need them. The report is rewritten after every variant, so a run cut short still leaves it.
 
+``--profile DIR``: after a variant's timed steps, 1 + 3 more steps run under ``torch.profiler`` (CPU activity, and
+CUDA activity on CUDA; see ``benchmarks/profiling.py``) and ``DIR/<variant>_profile.txt`` gets a compact table of
+the operators and kernels that take the time, with a line of totals per step: wall time, busy time (the device's
+on CUDA), and the shares of convolution kernels and of layout-conversion / copy kernels. The totals also go into
+the JSON report (``profile`` of each variant) and the Markdown report. These steps are not timed and are taken
+whatever is left of the time box (a variant that timed nothing is not profiled).
+
 Usage (from the repository root)::
 
     python benchmarks/train_step.py                            # all default variants
     python benchmarks/train_step.py --size 2048 1024 --variants lightning-bf16 lightning-bf16-nosam plain-bf16
     python benchmarks/train_step.py --compile                  # adds plain-bf16-compile, lightning-bf16-compile
     python benchmarks/train_step.py --source-size 1280 720     # the paper's GTA5 source size (projections)
+    python benchmarks/train_step.py --variants plain-bf16 plain-bf16-cl --steps 8 --profile /tmp/profile
 
 Writes ``benchmarks/results/train_step_<machine>[_<size>][_src<size>][_compile].md`` and ``.json`` (``--out-dir``,
 ``--stem``).
@@ -82,6 +92,7 @@ except ImportError:  # running from a checkout without installing the package
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from profiling import PROFILE_STEPS, PROFILE_WARMUP, StepProfiler  # benchmarks/profiling.py
 from timing import Share, SyncCounter, TimeBox, synchronized_time  # benchmarks/timing.py
 
 from uda_sam.cli.console import quiet_console
@@ -127,7 +138,8 @@ COMPILE_VARIANTS = ("plain-bf16-compile", "lightning-bf16-compile")
 #: enough steps to mean something.
 MIN_TIMED_STEPS = 10
 _VARIANT_RE = re.compile(
-    r"^(?P<runner>plain|lightning)-(?P<precision>fp32|bf16)(?P<task>-stage0|-stage1)?(?P<nosam>-nosam)?(?P<compile>-compile)?$"
+    r"^(?P<runner>plain|lightning)-(?P<precision>fp32|bf16)(?P<task>-stage0|-stage1)?(?P<nosam>-nosam)?"
+    r"(?P<compile>-compile)?(?P<cl>-cl)?$"
 )
 
 
@@ -141,6 +153,7 @@ class Variant:
     task: str = "selftrain"  # "selftrain" | "stage0" | "stage1"
     sam: bool = True
     compile: bool = False
+    channels_last: bool = False  # network and input images in torch.channels_last
 
     @property
     def name(self) -> str:
@@ -151,6 +164,8 @@ class Variant:
             parts.append("nosam")
         if self.compile:
             parts.append("compile")
+        if self.channels_last:
+            parts.append("cl")
         return "-".join(parts)
 
     def describe(self, lambda_sa: float) -> str:
@@ -162,18 +177,25 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """``plain|lightning`` - ``fp32|bf16`` [``-stage0|-stage1``] [``-nosam``] [``-compile``]."""
+    """``plain|lightning`` - ``fp32|bf16`` [``-stage0|-stage1``] [``-nosam``] [``-compile``] [``-cl``]."""
     match = _VARIANT_RE.match(text)
     if match is None:
         raise ValueError(
-            f"--variants: {text!r} is not <plain|lightning>-<fp32|bf16>[-stage0|-stage1][-nosam][-compile]"
+            f"--variants: {text!r} is not <plain|lightning>-<fp32|bf16>[-stage0|-stage1][-nosam][-compile][-cl]"
         )
     task = (match["task"] or "-selftrain")[1:]
     if task != "selftrain" and match["runner"] != "lightning":
         raise ValueError(f"--variants: {text!r}: the stage0/stage1 steps exist only as lightning variants")
     if task != "selftrain" and match["nosam"]:
         raise ValueError(f"--variants: {text!r}: -nosam applies to the self-training step only")
-    return Variant(match["runner"], match["precision"], task, not match["nosam"], bool(match["compile"]))
+    return Variant(
+        match["runner"],
+        match["precision"],
+        task,
+        not match["nosam"],
+        bool(match["compile"]),
+        bool(match["cl"]),
+    )
 
 
 @dataclass
@@ -187,6 +209,7 @@ class Result:
     peak_mib: float | None = None
     syncs: Counter = field(default_factory=Counter)
     error: str | None = None
+    profile: dict[str, Any] | None = None  # the totals of --profile (see profiling.StepProfiler.write)
 
     @property
     def step(self) -> float:
@@ -226,7 +249,22 @@ def make_batch(
 
 
 def to_device(batch: dict[str, dict[str, Tensor]], device: torch.device) -> dict[str, dict[str, Tensor]]:
+    # ``to`` keeps the memory format of a dense tensor: a channels_last host image stays channels_last.
     return {d: {k: v.to(device, non_blocking=True) for k, v in s.items()} for d, s in batch.items()}
+
+
+def variant_batch(setup: Setup, variant: Variant) -> dict[str, dict[str, Tensor]]:
+    """The shared batch, its images in ``torch.channels_last`` (and pinned again on CUDA) for a ``-cl`` variant."""
+    if not variant.channels_last:
+        return setup.batch
+
+    def images_last(value: Tensor) -> Tensor:
+        if value.dim() != 4:
+            return value
+        value = value.contiguous(memory_format=torch.channels_last)
+        return value.pin_memory() if setup.device.type == "cuda" else value
+
+    return {d: {k: images_last(v) for k, v in s.items()} for d, s in setup.batch.items()}
 
 
 @torch.no_grad()
@@ -271,6 +309,7 @@ class Setup:
     steps: int
     lambda_sa: float
     debug_step: int | None  # the warm-up step run under the sync debug mode (CUDA only)
+    profile_dir: Path | None = None  # --profile: where the profile tables go
     share: Share = field(default_factory=lambda: TimeBox(None).allot(1))  # when the running variant stops
 
     @property
@@ -293,6 +332,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def fresh_network(setup: Setup, variant: Variant) -> DeepLabV2:
     network = copy.deepcopy(setup.base_network)
+    if variant.channels_last:
+        network = network.to(memory_format=torch.channels_last)
     if variant.compile:
         network.compile()
     return network
@@ -324,17 +365,9 @@ def run_plain(setup: Setup, variant: Variant, root: Path) -> Result:
     optimizer = build_optimizer(groups, "sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, "poly", total_steps=SCHEDULE_STEPS))
     use_bf16 = variant.precision == "bf16"
-    copy_starts, starts, ends, losses = [], [], [], []
-    counter = SyncCounter()
-    for index in range(setup.total_steps):
-        # The iteration starts with the host-to-device copy; the step window excludes it, as Lightning's hooks do.
-        copy_starts.append(synchronized_time(device))
-        batch = to_device(setup.batch, device)
-        starts.append(synchronized_time(device))
-        if index == setup.warmup:
-            reset_peak_memory(device)
-        if index == setup.debug_step:
-            counter.start()
+    host_batch = variant_batch(setup, variant)
+
+    def train_step(batch: dict[str, dict[str, Tensor]]) -> Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = task.compute_losses(batch)[0]
         # Where Lightning's closure does it: after forward, before backward.
@@ -342,6 +375,20 @@ def run_plain(setup: Setup, variant: Variant, root: Path) -> Result:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        return loss
+
+    copy_starts, starts, ends, losses = [], [], [], []
+    counter = SyncCounter()
+    for index in range(setup.total_steps):
+        # The iteration starts with the host-to-device copy; the step window excludes it, as Lightning's hooks do.
+        copy_starts.append(synchronized_time(device))
+        batch = to_device(host_batch, device)
+        starts.append(synchronized_time(device))
+        if index == setup.warmup:
+            reset_peak_memory(device)
+        if index == setup.debug_step:
+            counter.start()
+        loss = train_step(batch)
         if index == setup.debug_step:
             counter.stop()
         ends.append(synchronized_time(device))
@@ -352,7 +399,21 @@ def run_plain(setup: Setup, variant: Variant, root: Path) -> Result:
     timed = timed_range(setup, len(copy_starts))
     result.iteration_ms = [1000 * (copy_starts[i + 1] - copy_starts[i]) for i in timed]
     result.syncs = counter.found
+    if setup.profile_dir is not None and result.error is None:
+        profiler = StepProfiler(device)
+        while not profiler.done:
+            profiler.begin()
+            train_step(to_device(host_batch, device))  # the copy is part of the iteration, as timed above
+            profiler.end()
+        result.profile = write_profile(profiler, setup, variant)
     return result
+
+
+def write_profile(profiler: StepProfiler, setup: Setup, variant: Variant) -> dict[str, Any]:
+    """Write ``<profile_dir>/<variant>_profile.txt``; its totals for the results file."""
+    assert setup.profile_dir is not None
+    title = f"{variant.name} ({variant.describe(setup.lambda_sa)}; {variant.precision})"
+    return profiler.write(setup.profile_dir / f"{variant.name}_profile.txt", title)
 
 
 # -------------------------------------------------------------------------------------------- Lightning
@@ -372,11 +433,15 @@ class FixedBatches(Dataset):
 class StepTimer(Callback):
     """Synchronised wall-clock time of every training step, the returned losses and one sync-debug step.
 
-    Stops the fit after the step at which ``share`` is done.
+    Stops the fit after the step at which ``share`` is done, or, with a ``profiler``, once it has run the profiled
+    steps that follow the timed ones.
     """
 
-    def __init__(self, device: torch.device, warmup: int, debug_step: int | None, share: Share) -> None:
+    def __init__(self, device: torch.device, warmup: int, debug_step: int | None, share: Share, total_steps: int,
+                 profiler: StepProfiler | None = None) -> None:  # fmt: skip
         self.device, self.warmup, self.debug_step, self.share = device, warmup, debug_step, share
+        self.total_steps, self.profiler = total_steps, profiler
+        self.profiling = False  # the timed steps are over and the profiled ones run
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.losses: list[Tensor] = []
@@ -385,6 +450,10 @@ class StepTimer(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.profiling:
+            assert self.profiler is not None
+            self.profiler.begin()
+            return
         self.starts.append(synchronized_time(self.device))
         if batch_idx == self.warmup:  # the first timed step
             reset_peak_memory(self.device)
@@ -394,13 +463,21 @@ class StepTimer(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.profiling:
+            assert self.profiler is not None
+            self.profiler.end()
+            trainer.should_stop = self.profiler.done
+            return
         if batch_idx == self.debug_step:
             self.counter.stop()
         self.ends.append(synchronized_time(self.device))
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(loss.detach())
-        if self.share.done(len(self.ends)):
-            trainer.should_stop = True
+        if self.share.done(len(self.ends)) or len(self.ends) == self.total_steps:
+            # A variant that timed nothing is not profiled (the same rule as the plain loop's).
+            timed = len(self.ends) > self.warmup + 1
+            self.profiling = self.profiler is not None and timed
+            trainer.should_stop = not self.profiling
 
 
 def build_task(setup: Setup, variant: Variant, root: Path) -> LightningModule:
@@ -419,12 +496,14 @@ def build_task(setup: Setup, variant: Variant, root: Path) -> LightningModule:
 def run_lightning(setup: Setup, variant: Variant, root: Path) -> Result:
     device, result = setup.device, Result(variant)
     module = build_task(setup, variant, root)
-    timer = StepTimer(device, setup.warmup, setup.debug_step, setup.share)
+    profiler = StepProfiler(device) if setup.profile_dir is not None else None
+    steps = setup.total_steps + (PROFILE_WARMUP + PROFILE_STEPS if profiler else 0)
+    timer = StepTimer(device, setup.warmup, setup.debug_step, setup.share, setup.total_steps, profiler)
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         precision=PRECISIONS[variant.precision],
-        max_steps=setup.total_steps,
+        max_steps=steps,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -436,10 +515,12 @@ def run_lightning(setup: Setup, variant: Variant, root: Path) -> Result:
         callbacks=[timer],
         default_root_dir=str(root),
     )
-    loader = DataLoader(FixedBatches(setup.batch, setup.total_steps), batch_size=None, num_workers=0)
+    loader = DataLoader(FixedBatches(variant_batch(setup, variant), steps), batch_size=None, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
     summarise(result, timer.starts, timer.ends, timer.losses, setup)
     result.syncs = timer.counter.found
+    if profiler is not None and profiler.done:
+        result.profile = write_profile(profiler, setup, variant)
     del trainer, module
     return result
 
@@ -518,11 +599,20 @@ def analyse(
     share("lightning")
     share("plain")
     for runner in ("plain", "lightning"):
-        fp32, bf16 = ok.get(f"{runner}-fp32"), ok.get(f"{runner}-bf16")
-        if fp32 and bf16:
+        for layout in ("", "-cl"):
+            fp32, bf16 = ok.get(f"{runner}-fp32{layout}"), ok.get(f"{runner}-bf16{layout}")
+            if fp32 and bf16:
+                summary.append(
+                    f"bf16/fp32 ratio of the {runner} {'loop' if runner == 'plain' else 'module'}"
+                    f"{' in channels_last' if layout else ''}: {bf16.step / fp32.step:.3f} per step, "
+                    f"{bf16.iteration / fp32.iteration:.3f} per iteration"
+                )
+    for name, r in ok.items():
+        contiguous = ok.get(name.removesuffix("-cl")) if r.variant.channels_last else None
+        if contiguous:
             summary.append(
-                f"bf16/fp32 ratio of the {runner} {'loop' if runner == 'plain' else 'module'}: "
-                f"{bf16.step / fp32.step:.3f} per step, {bf16.iteration / fp32.iteration:.3f} per iteration"
+                f"{name} vs {contiguous.variant.name}: {r.iteration:.1f} vs {contiguous.iteration:.1f} ms/iteration "
+                f"(x{r.iteration / contiguous.iteration:.3f})"
             )
     for name in ("lightning-bf16-stage0", "lightning-bf16-stage1"):
         if name in ok and "lightning-bf16" in ok:
@@ -662,12 +752,13 @@ def write_report(
             else ("fp32" if v.precision == "fp32" else "bf16 autocast")
         )
         prec += " + compile" if v.compile else ""
+        prec += " + channels_last" if v.channels_last else ""
         if r.error:
             lines.append(f"| {name} | {v.describe(args.lambda_sa)} | {prec} | {r.error} | | | | | | "
                          f"{f'{r.peak_mib:.0f}' if r.peak_mib is not None else '-'} |")  # fmt: skip
             continue
         ref = (
-            ok.get(Variant("plain", v.precision, v.task, v.sam, v.compile).name)
+            ok.get(Variant("plain", v.precision, v.task, v.sam, v.compile, v.channels_last).name)
             if v.runner == "lightning"
             else None
         )
@@ -694,6 +785,14 @@ def write_report(
         for name, r in ok.items():
             found = ", ".join(f"`{where}` x{n}" for where, n in r.syncs.most_common()) or "none"
             lines.append(f"- {name}: {sum(r.syncs.values())} ({found})")
+    profiled = {name: r.profile for name, r in results.items() if r.profile}
+    if profiled:
+        lines += [
+            "",
+            "## Profile (`--profile`: traced steps after the timed ones; see benchmarks/profiling.py)",
+            "",
+        ]
+        lines += [f"- {name}: {profile['text']} (`{profile['file']}`)" for name, profile in profiled.items()]
     lines += ["", "## Targets", "", *[f"- {t}" for t in targets]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -734,6 +833,7 @@ def result_record(result: Result) -> dict[str, Any]:
         "peak_mib": result.peak_mib,
         "losses": result.losses,
         "error": result.error,
+        "profile": result.profile,
     }
 
 
@@ -777,6 +877,12 @@ def main(argv: list[str] | None = None) -> None:
         "--time-box",
         type=float,
         help="seconds for the whole run (default: no limit); see the module docstring",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after each variant's timed steps, profile a few more into DIR/<variant>_profile.txt",
     )
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw)
@@ -838,6 +944,7 @@ def main(argv: list[str] | None = None) -> None:
             steps=args.steps,
             lambda_sa=args.lambda_sa,
             debug_step=args.warmup - 1 if gpu and args.warmup > 0 else None,
+            profile_dir=args.profile,
         )
         path = args.out_dir / f"{args.stem or default_stem(args, info, variants, gpu)}.md"
         impl = sam.resolve_impl(1, num_pixels)

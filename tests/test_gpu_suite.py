@@ -78,10 +78,23 @@ def test_smoke_run_leaves_every_file(suite: ModuleType, tmp_path: Path) -> None:
     markdown = steps_dir.with_suffix(".md").read_text()
     assert "## Floors" in markdown and "## Projected wall time" in markdown
 
+    # The profile tables of train_profile: written, listed with the step, quoted with the bf16 floor.
+    profiles = ["train_profile/plain-fp32_profile.txt", "train_profile/plain-fp32-cl_profile.txt"]
+    [profile_step] = [step for step in record["steps"] if step["name"] == "train_profile"]
+    assert set(profiles) <= set(profile_step["files"])
+    for name in profiles:
+        table = (steps_dir / name).read_text()
+        assert "per traced step: wall" in table and "aten::" in table
+        assert len(table) < 8000  # compact: the archive must stay small
+    figures = {f["floor"]: f["figures"] for f in record["floors"]}["bf16 step <= 0.72x the fp32 plain step"]
+    assert "plain-fp32-cl" in figures and "conv / layout-copy share" in figures
+    assert "## Profile of the training step (train_profile)" in markdown
+
     with tarfile.open(steps_dir.with_suffix(".tar.gz")) as archive:
         packed = set(archive.getnames())
     assert {f"{steps_dir.name}.md", f"{steps_dir.name}.json"} <= packed
     assert {f"{steps_dir.name}/{p.name}" for p in steps_dir.iterdir()} <= packed
+    assert {f"{steps_dir.name}/{name}" for name in profiles} <= packed
     assert sorted(p.name for p in export.iterdir()) == sorted(
         steps_dir.with_suffix(s).name for s in (".json", ".md", ".tar.gz")
     )
@@ -222,6 +235,29 @@ def test_floors_and_projection_from_step_records(suite: ModuleType) -> None:
     assert all(plan is None for plan in suite.projection(None, generation)["plans"].values())
 
 
+def test_bf16_floor_quotes_the_profile_step(suite: ModuleType) -> None:
+    train = train_record([1024, 512], [1024, 512], plain_fp32=80.0, lightning_bf16=80.4)
+    profile = train_record([1024, 512], [1024, 512], plain_bf16=79.0, plain_bf16_cl=55.0, plain_fp32=80.0,
+                           plain_fp32_cl=None)  # fmt: skip
+    profile["variants"]["plain-bf16"]["profile"] = {
+        "conv_share": 0.5,
+        "layout_share": 0.3,
+        "file": "x",
+        "text": "t",
+    }
+    row = suite.bf16_floor(train, profile)
+    assert row["verdict"] == "FAIL"  # still judged on the train_step step alone
+    assert "plain-bf16-cl 55.0" in row["figures"] and "bf16/fp32 NCHW x0.988" in row["figures"]
+    assert "channels_last x" not in row["figures"]  # plain-fp32-cl not measured: no ratio
+    assert "plain-bf16 50 % / 30 %" in row["figures"]
+    assert suite.bf16_floor(train)["figures"].endswith("(1024x512)")  # without the step: as before
+    lines = suite.profile_lines(suite.profile_summary(profile), "gpu_x")
+    assert any(
+        line.startswith("- plain-bf16: 79.0 ms/iteration; t; `gpu_x/train_profile/x`") for line in lines
+    )
+    assert any(line.startswith("- plain-fp32-cl: out of memory") for line in lines)
+
+
 def benchmark_module(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` as a module (its folder on ``sys.path`` for its sibling imports)."""
     if str(BENCHMARKS) not in sys.path:
@@ -321,3 +357,91 @@ def test_boxes_shrink_toward_their_least_so_every_chosen_step_runs(suite: Module
         assert step.min_box_s <= boxes[step.name] < step.box_s
     least = suite.fit_boxes(steps, 100, smoke=False)  # not even the least boxes fit
     assert least == {s.name: s.min_box_s for s in steps}
+
+
+def test_channels_last_variants_are_parsed_and_named() -> None:
+    train_step = benchmark_module("train_step")
+    variant = train_step.parse_variant("plain-bf16-cl")
+    assert variant.channels_last and variant.precision == "bf16" and variant.name == "plain-bf16-cl"
+    assert (
+        train_step.parse_variant("lightning-bf16-nosam-compile-cl").name == "lightning-bf16-nosam-compile-cl"
+    )
+    with pytest.raises(ValueError):
+        train_step.parse_variant("plain-bf16-cl-nosam")
+
+
+class FakeEvent:
+    """What ``StepProfiler.summary`` reads of a profiler event (times in microseconds)."""
+
+    def __init__(self, name: str, device: Any, time_us: float, kernels: tuple[Any, ...] = (),
+                 annotation: bool = False) -> None:  # fmt: skip
+        self.name = self.key = name
+        self.device_type, self.device_time_total, self.kernels = device, time_us, list(kernels)
+        self.self_device_time_total, self.self_cpu_time_total, self.count = time_us, 1.0, 3
+        self.is_user_annotation = annotation
+
+
+def test_profile_shares_on_cuda_come_from_the_kernels(tmp_path: Path) -> None:
+    """The CUDA branch of the profile totals, with made-up events (no GPU here)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Kernel
+
+    profiling = benchmark_module("profiling")
+    conv = Kernel("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 0, 600.0)
+    to_nhwc = Kernel("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>", 0, 150.0)
+    cast = Kernel("void at::native::elementwise_kernel<direct_copy_kernel_cuda>", 0, 90.0)
+    relu = Kernel("void at::native::vectorized_elementwise_kernel<clamp_min>", 0, 60.0)
+    events = [
+        FakeEvent("aten::cudnn_convolution", DeviceType.CPU, 750.0, (conv, to_nhwc)),
+        FakeEvent("aten::_to_copy", DeviceType.CPU, 90.0, (cast,)),
+        FakeEvent("aten::relu_", DeviceType.CPU, 60.0, (relu,)),
+        *(FakeEvent(k.name, DeviceType.CUDA, k.duration) for k in (conv, to_nhwc, cast, relu)),
+        FakeEvent("Optimizer.step#SGD.step", DeviceType.CUDA, 5000.0, annotation=True),  # a range, not work
+    ]
+    profiler = profiling.StepProfiler(torch.device("cuda"))
+    profiler.profiler = type(
+        "Fake", (), {"events": lambda self: events, "key_averages": lambda self: events}
+    )()
+    profiler.traced_since, profiler.traced_until = 0.0, 0.006
+    totals = profiler.write(tmp_path / "p.txt", "fake")
+    assert totals["busy_ms_per_step"] == pytest.approx(0.9 / profiling.PROFILE_STEPS)
+    assert totals["conv_share"] == pytest.approx(600 / 900)  # the conversion inside the conv op is not conv
+    assert totals["layout_share"] == pytest.approx(240 / 900)  # nchwToNhwc + the copy kernel
+    table = (tmp_path / "p.txt").read_text()
+    assert "Optimizer.step" not in table and "nchwToNhwcKernel" in table and "kernel" in table
+
+
+class CountingProfiler:
+    """What ``StepTimer`` calls of a ``StepProfiler``: done after ``steps`` steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.begun, self.taken = steps, 0, 0
+
+    @property
+    def done(self) -> bool:
+        return self.taken >= self.steps
+
+    def begin(self) -> None:
+        self.begun += 1
+
+    def end(self) -> None:
+        self.taken += 1
+
+
+@pytest.mark.parametrize("profiled", [False, True])
+def test_lightning_timer_hands_the_steps_after_the_timed_ones_to_the_profiler(profiled: bool) -> None:
+    import torch
+
+    train_step, timing = benchmark_module("train_step"), benchmark_module("timing")
+    profiler = CountingProfiler(2) if profiled else None
+    timer = train_step.StepTimer(torch.device("cpu"), 1, None, timing.TimeBox(None).allot(1), 4, profiler)
+    trainer = type("FakeTrainer", (), {"should_stop": False})()
+    last = 5 if profiled else 3  # 1 warm-up + 2 timed + 1 (the last iteration's end), then 2 profiled
+    for index in range(last + 1):
+        timer.on_train_batch_start(trainer, None, None, index)
+        timer.on_train_batch_end(trainer, None, torch.tensor(1.0), None, index)
+        assert trainer.should_stop == (index == last)
+    assert len(timer.starts) == len(timer.ends) == len(timer.losses) == 4
+    if profiler is not None:
+        assert profiler.begun == profiler.taken == 2
