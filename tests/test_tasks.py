@@ -143,6 +143,86 @@ def test_pseudo_only_and_no_pseudo_losses(tmp_path: Path, tiny_network) -> None:
     assert set(captured["terms"]) == {"loss_seg_source"}
 
 
+def test_joint_forward_shares_batchnorm_statistics(tmp_path: Path) -> None:
+    """One pass over the source window and the target batch: the loss is that of the concatenated batch, and
+    BatchNorm's running statistics take one update per step, from both domains."""
+    from uda_sam.nn import DilatedFCN
+
+    batch = fake_batch(2)
+    src, tgt = batch["source"], batch["target"]
+    torch.manual_seed(0)
+    task = SelfTraining(DilatedFCN(width=8), joint_forward=True)
+    reference = DilatedFCN(width=8)
+    reference.load_state_dict(task.network.state_dict())
+    task.train()
+    reference.train()
+    captured = capture_losses(task)
+
+    torch.manual_seed(5)
+    total = task.training_step(batch, 0)
+    torch.manual_seed(5)  # the same window: the source is 72x40, the target 64x32
+    top, left = int(torch.randint(40 - 32 + 1, ()).item()), int(torch.randint(72 - 64 + 1, ()).item())
+    image = src["image"][..., top : top + 32, left : left + 64]
+    mask = src["mask"][..., top : top + 32, left : left + 64]
+    logits = reference(torch.cat([image, tgt["image"]]))
+    expected = segmentation_loss(reference.upsample_logits(logits[:1], (32, 64)), mask) + segmentation_loss(
+        reference.upsample_logits(logits[1:], (32, 64)), tgt["mask"]
+    )
+    torch.testing.assert_close(total, expected)
+    assert set(captured["terms"]) == {"loss_seg_source", "loss_seg_target"}
+    counters = [
+        m.num_batches_tracked.item() for m in task.network.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    assert counters and all(count == 1 for count in counters)
+    for mine, theirs in zip(task.network.modules(), reference.modules(), strict=True):
+        if isinstance(mine, torch.nn.BatchNorm2d):
+            torch.testing.assert_close(mine.running_mean, theirs.running_mean)
+
+    separate = SelfTraining(DilatedFCN(width=8))
+    separate.train()
+    capture_losses(separate)
+    separate.training_step(batch, 0)
+    counters = [
+        m.num_batches_tracked.item()
+        for m in separate.network.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    assert all(count == 2 for count in counters)  # one update per domain, the target's last
+
+
+def test_joint_forward_with_the_self_attention_loss(tmp_path: Path, tiny_network) -> None:
+    """The SAM loss gets each domain's own logits from the joint pass; without a source there is nothing to join."""
+    path = sam_file(tmp_path / "sam.pt")
+    batch = fake_batch(3)
+    batch["source"] = {**batch["source"], "image": batch["source"]["image"][..., :32, :64],
+                       "mask": batch["source"]["mask"][..., :32, :64]}  # fmt: skip
+    loss = SelfAttentionLoss(path, weight=0.1, domains="both")
+    joint = SelfTraining(tiny_network(), self_attention=loss, joint_forward=True)
+    captured = capture_losses(joint)
+    total = joint.training_step(batch, 0)
+    separate = SelfTraining(
+        tiny_network(), self_attention=SelfAttentionLoss(path, weight=0.1, domains="both")
+    )
+    # The tiny network has no BatchNorm: one pass and two give the same objective.
+    torch.testing.assert_close(total, separate.compute_losses(batch)[0])
+    assert {"loss_sa_source", "loss_sa_target"} <= set(captured["terms"])
+
+    oracle = SelfTraining(tiny_network(), use_source=False, joint_forward=True)
+    torch.testing.assert_close(
+        oracle.compute_losses(batch)[0],
+        segmentation_loss(up(oracle.network(batch["target"]["image"]), batch["target"]["mask"]),
+                          batch["target"]["mask"]),
+    )  # fmt: skip
+
+
+def test_joint_forward_refuses_a_smaller_source(tiny_network) -> None:
+    batch = fake_batch(4)
+    batch["target"] = {**batch["target"], "image": torch.randn(1, 3, 48, 64)}
+    task = SelfTraining(tiny_network(), joint_forward=True)
+    with pytest.raises(ValueError, match="joint_forward needs source images at least as large"):
+        task.compute_losses(batch)
+
+
 @pytest.mark.parametrize("distance", ["kl", "cosine"])
 def test_self_training_distance_variants(tmp_path: Path, tiny_network, distance: str) -> None:
     path = sam_file(tmp_path / "sam.pt")

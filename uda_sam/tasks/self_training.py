@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -34,6 +35,14 @@ class SelfTraining(SegmentationTask):
       the pretrained SAM.
     - "No Conv": ``SelfAttentionLoss(sam=SelfAttentionModule(19, use_conv=False))`` (a parameter-free SAM, ``Q = P``).
 
+    With ``joint_forward`` the source and target batches go through the network as one batch: BatchNorm layers in
+    training mode then normalise both domains with the same batch statistics, and their running statistics (what
+    inference uses) are those of the mixture, not of whichever domain came last. Separate passes (the default) are
+    the paper's recipe, whose DeepLabV2 keeps BatchNorm frozen; with BatchNorm training (a network trained from
+    scratch, the toy's) one pass is what lets the student learn from the target (``benchmarks/results/
+    toy_self_training_cpu.md``). When the source images are larger than the target's, each step takes one random
+    window of the target's size from the whole source batch (images and masks); smaller ones are an error.
+
     With ``use_target=False`` and a ``self_attention`` the target images still pass through the network for the
     self-attention loss (which needs no labels), but no target cross-entropy is computed. Inference always uses the
     network alone. Batches are ``{"source": {...}, "target": {...}}`` as produced by ``UDADataModule``.
@@ -53,6 +62,7 @@ class SelfTraining(SegmentationTask):
         use_target: Train on the target pseudo labels (3); ``False`` = source only ("No Pseudo").
         use_source: Train on the source labels (1); ``False`` with ``use_target`` and the datamodule's
             ``target_labels: gt`` is the target-supervised "Oracle" upper bound.
+        joint_forward: Forward the source and target batches as one batch (shared BatchNorm statistics); see above.
         **kwargs: Optimiser, schedule and evaluation options of :class:`~uda_sam.tasks.SegmentationTask`.
 
     Raises:
@@ -66,6 +76,7 @@ class SelfTraining(SegmentationTask):
         self_attention: SelfAttentionLoss | None = None,
         use_target: bool = True,
         use_source: bool = True,
+        joint_forward: bool = False,
         **kwargs: Any,
     ) -> None:
         if not (use_source or use_target):
@@ -97,6 +108,7 @@ class SelfTraining(SegmentationTask):
         self.self_attention = self_attention
         self.use_target = bool(use_target)
         self.use_source = bool(use_source)
+        self.joint_forward = bool(joint_forward)
         for warning in self_attention.attention_warnings if self_attention is not None else []:
             rank_zero_warn(warning)
 
@@ -111,6 +123,33 @@ class SelfTraining(SegmentationTask):
             return logits, features
         return self.network(image), None
 
+    def _run_joint(self, source: dict[str, Any], target: dict[str, Any]) -> tuple[Tensor, ...]:
+        """One pass over both batches: ``(logits_s, features_s, source_mask, logits_t, features_t)``, the source
+        cropped to the target's size (one random window for the whole batch)."""
+        image, mask = source["image"], source["mask"]
+        height, width = target["image"].shape[-2:]
+        if image.shape[-2] < height or image.shape[-1] < width:
+            raise ValueError(
+                f"joint_forward needs source images at least as large as the target's: got source "
+                f"{image.shape[-1]}x{image.shape[-2]} and target {width}x{height} (width x height); set "
+                f"data.source_size (or data.crop_size) so that the source is not smaller"
+            )
+        if image.shape[-2:] != (height, width):
+            if mask.shape[-2:] != image.shape[-2:]:
+                raise ValueError(
+                    "joint_forward crops the source batch, which needs its masks at the image size "
+                    f"(got masks {tuple(mask.shape[-2:])} for images {tuple(image.shape[-2:])})"
+                )
+            top = int(torch.randint(image.shape[-2] - height + 1, ()).item())
+            left = int(torch.randint(image.shape[-1] - width + 1, ()).item())
+            image = image[..., top : top + height, left : left + width]
+            mask = mask[..., top : top + height, left : left + width]
+        logits, features = self._run(torch.cat([image, target["image"]]))
+        split = len(image)
+        if features is None:
+            return logits[:split], None, mask, logits[split:], None
+        return logits[:split], features[:split], mask, logits[split:], features[split:]
+
     def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """The objective (10) / (11) of one batch, without logging (usable outside a ``Trainer``).
 
@@ -121,16 +160,24 @@ class SelfTraining(SegmentationTask):
         """
         source, target = self.split_batch(batch)
         terms: dict[str, Tensor] = {}
-        logits_s = features_s = logits_t = None
-        if self.use_source:
+        logits_s = features_s = logits_t = features_t = None
+        needs_target = self.use_target or self.self_attention is not None
+        if needs_target and target is None:
+            raise ValueError(
+                "SelfTraining with use_target=True or a self_attention loss needs batches "
+                "{'source': ..., 'target': ...} (use uda_sam.datamodules.UDADataModule)"
+            )
+        if self.joint_forward and self.use_source and needs_target:
+            assert target is not None
+            logits_s, features_s, source_mask, logits_t, features_t = self._run_joint(source, target)
+            terms["loss_seg_source"] = self.segmentation_loss(logits_s, source_mask)
+            if self.use_target:
+                terms["loss_seg_target"] = self.segmentation_loss(logits_t, target["mask"])
+        elif self.use_source:
             logits_s, features_s = self._run(source["image"])
             terms["loss_seg_source"] = self.segmentation_loss(logits_s, source["mask"])
-        if self.use_target or self.self_attention is not None:
-            if target is None:
-                raise ValueError(
-                    "SelfTraining with use_target=True or a self_attention loss needs batches "
-                    "{'source': ..., 'target': ...} (use uda_sam.datamodules.UDADataModule)"
-                )
+        if needs_target and logits_t is None:
+            assert target is not None
             logits_t, features_t = self._run(target["image"])
             if self.use_target:
                 terms["loss_seg_target"] = self.segmentation_loss(logits_t, target["mask"])
