@@ -40,7 +40,7 @@ class SelfTraining(SegmentationTask):
     inference uses) are those of the mixture, not of whichever domain came last. Separate passes (the default) are
     the paper's recipe, whose DeepLabV2 keeps BatchNorm frozen; with BatchNorm training (a network trained from
     scratch, the toy's) one pass is what lets the student learn from the target (``benchmarks/results/
-    toy_self_training_cpu.md``). When the source images are larger than the target's, each step takes one random
+    toy_joint_forward_cpu.md``). When the source images are larger than the target's, each step takes one random
     window of the target's size from the whole source batch (images and masks); smaller ones are an error.
 
     With ``use_target=False`` and a ``self_attention`` the target images still pass through the network for the
@@ -123,32 +123,28 @@ class SelfTraining(SegmentationTask):
             return logits, features
         return self.network(image), None
 
-    def _run_joint(self, source: dict[str, Any], target: dict[str, Any]) -> tuple[Tensor, ...]:
-        """One pass over both batches: ``(logits_s, features_s, source_mask, logits_t, features_t)``, the source
-        cropped to the target's size (one random window for the whole batch)."""
+    @staticmethod
+    def _source_window(source: dict[str, Any], size: torch.Size) -> tuple[Tensor, Tensor]:
+        """The source images and masks cropped to ``size`` (the target's): one random window for the whole batch."""
         image, mask = source["image"], source["mask"]
-        height, width = target["image"].shape[-2:]
+        height, width = size
         if image.shape[-2] < height or image.shape[-1] < width:
             raise ValueError(
                 f"joint_forward needs source images at least as large as the target's: got source "
                 f"{image.shape[-1]}x{image.shape[-2]} and target {width}x{height} (width x height); set "
                 f"data.source_size (or data.crop_size) so that the source is not smaller"
             )
-        if image.shape[-2:] != (height, width):
-            if mask.shape[-2:] != image.shape[-2:]:
-                raise ValueError(
-                    "joint_forward crops the source batch, which needs its masks at the image size "
-                    f"(got masks {tuple(mask.shape[-2:])} for images {tuple(image.shape[-2:])})"
-                )
-            top = int(torch.randint(image.shape[-2] - height + 1, ()).item())
-            left = int(torch.randint(image.shape[-1] - width + 1, ()).item())
-            image = image[..., top : top + height, left : left + width]
-            mask = mask[..., top : top + height, left : left + width]
-        logits, features = self._run(torch.cat([image, target["image"]]))
-        split = len(image)
-        if features is None:
-            return logits[:split], None, mask, logits[split:], None
-        return logits[:split], features[:split], mask, logits[split:], features[split:]
+        if image.shape[-2:] == size:
+            return image, mask
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(
+                "joint_forward crops the source batch, which needs its masks at the image size "
+                f"(got masks {tuple(mask.shape[-2:])} for images {tuple(image.shape[-2:])})"
+            )
+        top = int(torch.randint(image.shape[-2] - height + 1, ()).item())
+        left = int(torch.randint(image.shape[-1] - width + 1, ()).item())
+        window = (..., slice(top, top + height), slice(left, left + width))
+        return image[window], mask[window]
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """The objective (10) / (11) of one batch, without logging (usable outside a ``Trainer``).
@@ -169,18 +165,24 @@ class SelfTraining(SegmentationTask):
             )
         if self.joint_forward and self.use_source and needs_target:
             assert target is not None
-            logits_s, features_s, source_mask, logits_t, features_t = self._run_joint(source, target)
-            terms["loss_seg_source"] = self.segmentation_loss(logits_s, source_mask)
-            if self.use_target:
-                terms["loss_seg_target"] = self.segmentation_loss(logits_t, target["mask"])
+            # One pass: BatchNorm normalises both domains with the same batch statistics.
+            source_image, source_mask = self._source_window(source, target["image"].shape[-2:])
+            joint_logits, joint_features = self._run(torch.cat([source_image, target["image"]]))
+            split = len(source_image)
+            logits_s, logits_t = joint_logits[:split], joint_logits[split:]
+            if joint_features is not None:
+                features_s, features_t = joint_features[:split], joint_features[split:]
         elif self.use_source:
+            source_mask = source["mask"]
             logits_s, features_s = self._run(source["image"])
-            terms["loss_seg_source"] = self.segmentation_loss(logits_s, source["mask"])
         if needs_target and logits_t is None:
             assert target is not None
             logits_t, features_t = self._run(target["image"])
-            if self.use_target:
-                terms["loss_seg_target"] = self.segmentation_loss(logits_t, target["mask"])
+        if self.use_source:
+            terms["loss_seg_source"] = self.segmentation_loss(logits_s, source_mask)
+        if self.use_target:
+            assert target is not None
+            terms["loss_seg_target"] = self.segmentation_loss(logits_t, target["mask"])
         total = sum(terms.values())
         if self.self_attention is not None:
             logits, features = {"target": logits_t}, {"target": features_t}
