@@ -232,10 +232,12 @@ def test_toy_configs_run_offline_on_cpu() -> None:
             assert config["trainer"]["logger"]["init_args"]["offline"] is True
             network = config["model"]["init_args"]["network"]
             assert network["class_path"] == "uda_sam.nn.DilatedFCN"
-            # Stage 0 trains from scratch; every later stage starts from its network with BatchNorm frozen.
+            # Stage 0 trains from scratch; every later stage starts from its network. The SAM stage keeps its
+            # BatchNorm frozen (source only); self-training trains it in one pass over both domains.
             starts_from_no_pseudo = (
                 network["init_args"].get("weights") == "runs/toy/no_pseudo/checkpoints/last.ckpt"
             )
-            assert (
-                starts_from_no_pseudo == network["init_args"]["freeze_bn"] == (path.name != "no_pseudo.yaml")
-            )
+            assert starts_from_no_pseudo == (path.name != "no_pseudo.yaml")
+            assert network["init_args"]["freeze_bn"] == (path.name == "sam_pretrain.yaml")
+            if config["model"]["class_path"] == "uda_sam.tasks.SelfTraining" and path.name != "no_pseudo.yaml":
+                assert config["model"]["init_args"]["joint_forward"] is True
