@@ -4,7 +4,7 @@ For each seed, the stage-0 (No Pseudo) network and the stage-1 SAM come from ``-
 ``uda-sam pipeline`` run, e.g. ``runs/toy/table1`` of ``benchmarks/toy_table1.yaml``); a missing one is trained
 with the toy configs, exactly as the pipeline would. Then ``examples/mean_teacher`` is fitted from the No Pseudo
 network, once per setting, and its final student is scored on the toy's held-out target test split. Eq. (8) uses
-the largest weight that stays bounded on the toy (1e-4, as configs/toy/ours.yaml), eq. (9) the paper's 0.1; each
+the largest weight that stayed bounded on the first toy pair (1e-4), eq. (9) the paper's 0.1; each
 run's DivergenceMonitor reports how far its loss and logit norm grew (peak / early median).
 
 Usage::
