@@ -15,7 +15,9 @@ from uda_sam.cli.config_files import (
     expand_config_args,
     load_config,
     merge_configs,
+    null_arguments_as_configs,
 )
+from uda_sam.cli.entry_point import main
 from uda_sam.cli.pipeline_config import StageConfig, config_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +130,40 @@ def test_print_config_of_a_row_with_a_base(tmp_path: Path) -> None:
     assert printed["trainer"]["default_root_dir"] == "runs/gta5/ours_kl"
     assert printed["trainer"]["max_steps"] == 120000  # from no_pseudo.yaml, two bases down
     assert "LightningCLI's args parameter" not in result.stderr
+
+
+def test_nested_options_set_to_null_become_one_key_configs() -> None:
+    args = [
+        "fit",
+        "--model.init_args.network.init_args.weights=null",
+        "--model.init_args.network.init_args.weights",
+        "null",
+        "--trainer.max_epochs=null",  # not nested in a class's arguments: the parser reads it as None already
+        "--model.init_args.network.init_args.weights=nullable.ckpt",
+    ]
+    converted = null_arguments_as_configs(args)
+    expected = {"model": {"init_args": {"network": {"init_args": {"weights": None}}}}}
+    assert converted[0] == "fit"
+    assert yaml.safe_load(converted[1].removeprefix("--config=")) == expected
+    assert yaml.safe_load(converted[2].removeprefix("--config=")) == expected
+    assert converted[3:] == args[4:]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"), [([], None), (["--model.init_args.network.init_args.weights=a.ckpt"], "a.ckpt")]
+)
+def test_a_nested_option_set_to_null_on_the_command_line_is_none(
+    capsys: pytest.CaptureFixture[str], override: list[str], expected: str | None
+) -> None:
+    """Without the rewrite, jsonargparse reads it as the string "None" (then a missing weights file "None")."""
+    args = ["fit", "--config", str(REPO / "configs" / "toy" / "sam_pretrain.yaml")]
+    args += ["--model.init_args.network.init_args.weights=null", *override, "--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    assert exit_info.value.code in (0, None), captured.err[-2000:]
+    printed = yaml.safe_load(captured.out)
+    assert printed["model"]["init_args"]["network"]["init_args"]["weights"] == expected
 
 
 def test_the_pipeline_reads_a_rows_bases() -> None:

@@ -5,11 +5,16 @@ config is then its bases, in order, with its own keys over them: mappings merge 
 or a scalar replaces the base's value whole (a row that changes one callback restates the ``callbacks`` list). A base
 may have bases of its own. Every command that reads a config file reads it through :func:`load_config`; the
 LightningCLI commands get the merged YAML in place of the file (:func:`expand_config_args`).
+
+:func:`null_arguments_as_configs` works around the parser reading ``--model.init_args.network.init_args.weights=null``
+as the string ``"None"`` (an option inside the arguments of a class nested in another class's arguments): such an
+argument is given to the parser as the equivalent one-key YAML config instead, at the same place in the command.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +29,7 @@ __all__ = [
     "expand_config_args",
     "load_config",
     "merge_configs",
+    "null_arguments_as_configs",
 ]
 
 #: The top-level key that names a config's bases.
@@ -149,3 +155,33 @@ def expand_config_args(args: Sequence[str]) -> list[str]:
         elif index + 1 < len(expanded):
             expanded[index + 1] = _expanded(expanded[index + 1])
     return expanded
+
+
+def _null_config(key: str) -> str:
+    """``a.b.c`` -> the YAML (as JSON) ``{"a": {"b": {"c": null}}}``."""
+    config: Any = None
+    for part in reversed(key.split(".")):
+        config = {part: config}
+    return json.dumps(config)
+
+
+def null_arguments_as_configs(args: Sequence[str]) -> list[str]:
+    """Command-line arguments with each ``--KEY=null`` (or ``--KEY null``) whose key passes through ``init_args``
+    replaced by ``--config`` with the one-key YAML that sets it to null, which the parser reads as ``None`` (given on
+    the command line, a nested class's ``str | None`` option would become the string ``"None"``). A later argument
+    still overrides it, as the original would have been overridden."""
+    converted: list[str] = []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        name, equals, value = token.partition("=")
+        nested = name.startswith("--") and ".init_args." in name
+        if nested and equals and value == "null":
+            converted.append(f"--config={_null_config(name[2:])}")
+        elif nested and not equals and index + 1 < len(args) and args[index + 1] == "null":
+            converted.append(f"--config={_null_config(name[2:])}")
+            index += 1
+        else:
+            converted.append(token)
+        index += 1
+    return converted

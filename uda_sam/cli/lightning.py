@@ -32,7 +32,7 @@ from uda_sam.cli.checkpoint_config import (
     read_run_config,
     use_for_prediction,
 )
-from uda_sam.cli.config_files import expand_config_args
+from uda_sam.cli.config_files import expand_config_args, null_arguments_as_configs
 from uda_sam.cli.console import quiet_console
 from uda_sam.cli.run_lock import run_lock
 from uda_sam.datamodules import UDADataModule
@@ -270,13 +270,13 @@ class UDASamCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse the command, each ``--config`` file's ``_base_`` files merged into it (the parser gets the merged
-        YAML in place of the file name)."""
+        YAML in place of the file name), and nested options set to ``null`` read as ``None``."""
         if args is None:  # from the command line
-            self.config = parser.parse_args(expand_config_args(sys.argv[1:]))
+            self.config = parser.parse_args(null_arguments_as_configs(expand_config_args(sys.argv[1:])))
         elif isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
         else:
-            super().parse_arguments(parser, expand_config_args(args))
+            super().parse_arguments(parser, null_arguments_as_configs(expand_config_args(args)))
 
     def before_instantiate_classes(self) -> None:
         """Apply ``WANDB_MODE=disabled`` to W&B loggers configured as offline; make their run folders. For
