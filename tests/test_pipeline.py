@@ -147,9 +147,49 @@ def test_later_stages_start_from_the_seed_no_pseudo_network(
     assert calls and all(weights in args for args in calls.values())  # SAM pretraining and every setting
 
 
-def test_init_from_no_pseudo_must_be_a_boolean(tmp_path: Path, toy_root: Path) -> None:
-    with pytest.raises(PipelineConfigError, match="init_from_no_pseudo` must be true or false"):
-        load_pipeline_config(pipeline_file(tmp_path, toy_root, init_from_no_pseudo="yes"))
+def test_a_stage_can_opt_out_of_the_no_pseudo_start(
+    tmp_path: Path, toy_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sam_pretraining: {init_from_no_pseudo: false}``: the SAM stage starts from its config's weights (here from
+    scratch), every other stage still from the No Pseudo network."""
+    import uda_sam.cli.pipeline as pipeline
+
+    calls: dict[str, list[str]] = {}
+
+    def fake_stage(name: str, stage_dir: Path, stage: object, extra_args: list[str], seed: int, **_: object):
+        calls[name] = list(extra_args)
+        return StageResult(name=name, metrics={}, checkpoint=str(stage_dir / "last.ckpt"))
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    sam_stage = {
+        "config": str(TOY / "sam_pretrain.yaml"),
+        "args": ["--model.init_args.network.init_args.weights=null"],
+        "init_from_no_pseudo": False,
+    }
+    config = load_pipeline_config(pipeline_file(tmp_path, toy_root, sam_pretraining=sam_stage))
+    assert config.init_from_no_pseudo and config.sam_pretraining.init_from_no_pseudo is False
+    pipeline.run_seed(config, 0, tmp_path / "out")
+    starts_from_no_pseudo = {
+        name: any(arg.startswith("--model.init_args.network.init_args.weights=") for arg in args)
+        for name, args in calls.items()
+    }
+    assert starts_from_no_pseudo.pop("SAM pretraining") is False
+    assert starts_from_no_pseudo.pop("No Pseudo") is False
+    assert starts_from_no_pseudo and all(starts_from_no_pseudo.values())
+
+
+@pytest.mark.parametrize("where", ["top", "stage"])
+def test_init_from_no_pseudo_must_be_a_boolean(tmp_path: Path, toy_root: Path, where: str) -> None:
+    if where == "top":
+        path, key = pipeline_file(tmp_path, toy_root, init_from_no_pseudo="yes"), "init_from_no_pseudo"
+    else:
+        stage = {"config": str(TOY / "sam_pretrain.yaml"), "init_from_no_pseudo": "no"}
+        path, key = (
+            pipeline_file(tmp_path, toy_root, sam_pretraining=stage),
+            "sam_pretraining.init_from_no_pseudo",
+        )
+    with pytest.raises(PipelineConfigError, match=f"`{key}` must be true or false"):
+        load_pipeline_config(path)
 
 
 def test_stage_checkpoints_write_last_at_the_last_step(tmp_path: Path) -> None:

@@ -316,15 +316,22 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
     banner("No Pseudo (source only)")
     no_pseudo = run_stage("No Pseudo", seed_dir / "no_pseudo", config.no_pseudo, config.common_args, seed)
     results["No Pseudo"] = {0: no_pseudo}
-    common = list(config.common_args)
-    if config.init_from_no_pseudo:
-        common.append(f"--model.init_args.network.init_args.weights={no_pseudo.checkpoint}")
+
+    def wiring_of(stage: StageConfig) -> list[str]:
+        """The pipeline's arguments for a stage after No Pseudo: the common ones and its initial weights."""
+        init = config.init_from_no_pseudo if stage.init_from_no_pseudo is None else stage.init_from_no_pseudo
+        weights = [f"--model.init_args.network.init_args.weights={no_pseudo.checkpoint}"] if init else []
+        return [*config.common_args, *weights]
 
     sam_file = None
     if config.sam_pretraining is not None:
         banner("SAM pretraining (source only)")
         sam_stage = run_stage(
-            "SAM pretraining", seed_dir / "sam_pretraining", config.sam_pretraining, common, seed
+            "SAM pretraining",
+            seed_dir / "sam_pretraining",
+            config.sam_pretraining,
+            wiring_of(config.sam_pretraining),
+            seed,
         )
         sam_file = sam_stage.sam or sam_stage.checkpoint
         results["SAM pretraining"] = {0: sam_stage}
@@ -334,7 +341,7 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
         results[setting.name] = {}
         for generation in range(1, (setting.generations or config.generations) + 1):
             banner(f"{setting.name}, generation {generation}")
-            wiring = list(common)
+            wiring = wiring_of(setting)
             if setting.uses_sam:
                 wiring.append(f"--model.init_args.self_attention.init_args.sam={sam_file}")
             stage_dir = seed_dir / _slug(setting.name) / f"generation_{generation}"
@@ -354,7 +361,8 @@ def run_seed(config: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
 
     if config.oracle is not None:
         banner("Oracle (target labels)")
-        results["Oracle"] = {0: run_stage("Oracle", seed_dir / "oracle", config.oracle, common, seed)}
+        oracle = run_stage("Oracle", seed_dir / "oracle", config.oracle, wiring_of(config.oracle), seed)
+        results["Oracle"] = {0: oracle}
     return results
 
 

@@ -8,7 +8,7 @@ Pipeline file::
     common_args: []                 # CLI arguments added to every stage (e.g. --trainer.max_steps=100)
     generations: 2
     no_pseudo: {config: configs/toy/no_pseudo.yaml}
-    sam_pretraining: {config: configs/toy/sam_pretrain.yaml}
+    sam_pretraining: {config: configs/toy/sam_pretrain.yaml, init_from_no_pseudo: false}
     settings:
       - {name: Pseudo-Only, config: configs/toy/pseudo_only.yaml}
       - {name: "Ours (8)&(10)", config: configs/toy/ours.yaml, uses_sam: true}
@@ -19,7 +19,8 @@ A stage's ``config`` is one LightningCLI config file or a list of them, relative
 the pipeline file; its ``args`` are CLI arguments added after them. ``init_from_no_pseudo`` gives every stage after
 No Pseudo (the SAM's, each generation's student, the Oracle) the weights of the same seed's No Pseudo network
 (``--model.init_args.network.init_args.weights``): the toy pair's stand-in for the ImageNet weights the paper
-starts every stage from.
+starts every stage from. A stage's own ``init_from_no_pseudo`` overrides the pipeline's for that stage (``false``:
+its network starts from what its config and ``args`` say, e.g. from scratch with ``weights: null``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class StageConfig:
     name: str = ""
     uses_sam: bool = False
     generations: int | None = None
+    init_from_no_pseudo: bool | None = None  # None: the pipeline's init_from_no_pseudo
 
 
 @dataclass
@@ -81,7 +83,7 @@ _TOP_KEYS = {
     "common_args",
     "init_from_no_pseudo",
 }
-_STAGE_KEYS = {"config", "args", "name", "uses_sam", "generations"}
+_STAGE_KEYS = {"config", "args", "name", "uses_sam", "generations", "init_from_no_pseudo"}
 
 
 def _stage(raw: Any, where: str, path: Path) -> StageConfig:
@@ -110,12 +112,14 @@ def _stage(raw: Any, where: str, path: Path) -> StageConfig:
         raise PipelineConfigError(
             f"{path}: `{where}.args` must be a list of CLI argument strings like '--trainer.max_steps=10'"
         )
+    init = raw.get("init_from_no_pseudo")
     return StageConfig(
         config=resolved,
         args=list(args),
         name=str(raw.get("name", where)),
         uses_sam=bool(raw.get("uses_sam", False)),
         generations=raw.get("generations"),
+        init_from_no_pseudo=None if init is None else _flag(init, f"{where}.init_from_no_pseudo", path),
     )
 
 
