@@ -10,7 +10,9 @@ starting point), over the first target validation images:
   ``|SAM(P)_i - mean(P)| / |P_i - mean(P)|`` averaged over pixels: 0 is uniform attention (every pixel pulled to the
   image's mean). The same ratio for the ideal same-class attention (each pixel's target the mean of ``P`` over
   its ground-truth class) says how far a SAM that attends only to same-class pixels would move it, and for the
-  attention of the raw logits (``Â`` from ``cos(P_i, P_j)``, the "No Conv" SAM) what the learned transform adds.
+  attention of the raw logits (``Â`` from ``cos(P_i, P_j)``, the "No Conv" SAM) what the learned transform adds;
+- per class, the share of its pixels' attention that stays on the class, against the class's share of the pixels
+  (what uniform attention would give): where eq. (9) pulls a class's pixels towards other classes.
 
 The network is rebuilt from the class and arguments its checkpoint records.
 
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from uda_sam.data import Cityscapes, SegmentationTransform
-from uda_sam.data.labels import IGNORE_INDEX
+from uda_sam.data.labels import CLASS_NAMES, IGNORE_INDEX
 from uda_sam.nn.sam import relu_cosine_attention
 from uda_sam.nn.sam_io import load_network_weights, load_sam
 
@@ -64,6 +66,19 @@ def same_class_target(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return target, valid
 
 
+def class_attention_shares(attention: Tensor, labels: Tensor) -> dict[int, tuple[float, float, int]]:
+    """Per class ``c`` present: the mean share of a class-``c`` row's attention on class-``c`` pixels, the share of
+    labelled pixels that are ``c`` (uniform attention's value), and the number of rows; ``attention`` is ``(N, N)``,
+    ``labels`` ``(N,)``."""
+    valid = labels != IGNORE_INDEX
+    shares = {}
+    for cls in labels[valid].unique().tolist():
+        members = labels == cls
+        own = attention[members][:, members].sum(-1) / attention[members][:, valid].sum(-1).clamp_min(1e-12)
+        shares[cls] = (float(own.mean()), float(members.sum() / valid.sum()), int(members.sum()))
+    return shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -90,6 +105,7 @@ def main() -> None:
         "no_conv": [],
         "ideal": [],
     }
+    per_class: dict[int, list[tuple[float, float, int]]] = {}
     with torch.no_grad():
         for index in range(min(args.images, len(dataset))):
             sample = dataset[index]
@@ -114,6 +130,8 @@ def main() -> None:
             figures["sam"].append(distance_to_image_mean(attended[0].flatten(1)[:, valid], flat[:, valid]))
             figures["no_conv"].append(distance_to_image_mean(no_conv[:, valid], flat[:, valid]))
             figures["ideal"].append(distance_to_image_mean(ideal[:, valid], flat[:, valid]))
+            for cls, figure in class_attention_shares(attention, labels).items():
+                per_class.setdefault(cls, []).append(figure)
     mean = {key: sum(values) / len(values) for key, values in figures.items()}
     print(
         f"images: {len(figures['sam'])}, pixels per attention row N = {num} (logits {tuple(logits.shape[-2:])})"
@@ -125,6 +143,14 @@ def main() -> None:
         f"|SAM(P) - mean(P)| / |P - mean(P)|: {mean['sam']:.3f} (0 = uniform attention; raw logits' attention, "
         f"No Conv: {mean['no_conv']:.3f}; ideal same-class attention: {mean['ideal']:.3f})"
     )
+    print(
+        "per class, row-weighted over the images: attention kept on the class / the class's share of the pixels"
+    )
+    for cls, values in sorted(per_class.items()):
+        rows = sum(n for _, _, n in values)
+        kept = sum(share * n for share, _, n in values) / rows
+        chance = sum(frac * n for _, frac, n in values) / rows
+        print(f"  {CLASS_NAMES[cls]:14s} {kept:.3f} / {chance:.3f} (lift {kept / chance:.2f}, {rows} rows)")
 
 
 if __name__ == "__main__":

@@ -49,3 +49,20 @@ def test_a_sam_with_a_constant_transform_attends_uniformly(diagnostic: ModuleTyp
     logits = torch.randn(1, 3, 4, 5)
     attended = sam(logits)[0].flatten(1)
     assert diagnostic.distance_to_image_mean(attended, logits[0].flatten(1)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_class_attention_shares_against_the_class_pixel_share(diagnostic: ModuleType) -> None:
+    """Two road pixels attending only to each other keep all their attention; the pole pixel keeps none."""
+    labels = torch.tensor([0, 0, 5, IGNORE_INDEX])
+    attention = torch.tensor(
+        [
+            [0.5, 0.5, 0.0, 0.0],
+            [0.5, 0.5, 0.0, 0.0],
+            [0.4, 0.4, 0.0, 0.2],  # the ignored pixel's weight is left out of the share
+            [0.25, 0.25, 0.25, 0.25],
+        ]
+    )
+    shares = diagnostic.class_attention_shares(attention, labels)
+    assert shares[0] == pytest.approx((1.0, 2 / 3, 2))
+    assert shares[5] == pytest.approx((0.0, 1 / 3, 1))
+    assert set(shares) == {0, 5}
