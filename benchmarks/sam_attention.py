@@ -31,20 +31,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from uda_sam.cli.checkpoint_config import INITIAL_WEIGHT_OPTIONS, read_run_config
 from uda_sam.data import Cityscapes, SegmentationTransform
 from uda_sam.data.labels import CLASS_NAMES, IGNORE_INDEX
+from uda_sam.evaluation.analysis import _resize_labels
 from uda_sam.nn.sam import relu_cosine_attention
 from uda_sam.nn.sam_io import load_network_weights, load_sam
 
 
 def network_from_checkpoint(path: Path) -> nn.Module:
     """The network a ``uda-sam fit`` checkpoint holds, built from its recorded class and arguments, in eval mode."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    config = checkpoint.get("uda_sam", {}).get("network") if isinstance(checkpoint, dict) else None
-    if not isinstance(config, dict) or "class_path" not in config:
-        raise SystemExit(f"{path}: not a uda-sam checkpoint (no uda_sam.network entry with a class_path)")
-    module, _, name = config["class_path"].rpartition(".")
-    init_args = {**config.get("init_args", {}), "weights": None}  # the trained weights are loaded below
+    network_config = read_run_config(str(path))["model"]["init_args"]["network"]
+    module, _, name = network_config["class_path"].rpartition(".")
+    init_args = dict(network_config.get("init_args", {}))
+    for option in INITIAL_WEIGHT_OPTIONS:  # the trained weights are loaded below
+        if option in init_args:
+            init_args[option] = None
     network = getattr(importlib.import_module(module), name)(**init_args)
     load_network_weights(network, path)
     return network.eval()
@@ -118,13 +120,7 @@ def main() -> None:
             figures["top"].append(float(attention.topk(k, dim=-1).values.sum(-1).mean()))
             figures["agree"].append(float((logits.argmax(1) == (logits + attended).argmax(1)).float().mean()))
             flat = logits[0].flatten(1)
-            labels = (
-                nn.functional.interpolate(
-                    sample["mask"][None, None].float(), size=logits.shape[-2:], mode="nearest"
-                )[0, 0]
-                .long()
-                .flatten()
-            )
+            labels = _resize_labels(sample["mask"], tuple(logits.shape[-2:])).flatten()
             ideal, valid = same_class_target(flat, labels)
             no_conv = relu_cosine_attention(flat.T[None], flat.T[None], impl="full")[0].T
             figures["sam"].append(distance_to_image_mean(attended[0].flatten(1)[:, valid], flat[:, valid]))

@@ -156,11 +156,8 @@ def test_a_nested_option_set_to_null_on_the_command_line_is_none(
     capsys: pytest.CaptureFixture[str], override: list[str], expected: str | None
 ) -> None:
     """Without the rewrite, jsonargparse reads it as the string "None" (then a missing weights file "None")."""
-    args = [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "toy" / "pseudo_only.yaml"),
-    ]  # weights: the No Pseudo run
+    config = REPO / "configs" / "toy" / "pseudo_only.yaml"  # its weights: the No Pseudo run's checkpoint
+    args = ["fit", "--config", str(config)]
     args += ["--model.init_args.network.init_args.weights=null", *override, "--print_config"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
